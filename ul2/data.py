@@ -57,6 +57,7 @@ class UL2FeatureConverter(seqio.EncDecFeatureConverter):
 
   def _convert_features(self, ds: tf.data.Dataset,
                         task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    @tf.autograph.experimental.do_not_convert
     def spread(features):
       denoiser = features.get("denoiser", tf.constant(0, tf.int32))
       return {"inputs": features["inputs"], "targets": features["targets"],
@@ -66,6 +67,7 @@ class UL2FeatureConverter(seqio.EncDecFeatureConverter):
     lengths = {**task_feature_lengths, "targets_denoiser": task_feature_lengths["targets"]}
     ds = self._pack_or_pad(ds, lengths)
 
+    @tf.autograph.experimental.do_not_convert
     def convert(features):
       return {**self._convert_example(features),
               "decoder_denoiser_ids": features["targets_denoiser"]}

@@ -569,6 +569,7 @@ def chunk_documents(tokens: tf.RaggedTensor, chunk_length: int):
 
 
 @seqio.map_over_dataset(num_seeds=1)
+@tf.autograph.experimental.do_not_convert  # Plain vectorised TF: tracing it as is is ~5x faster.
 def _denoise_documents(tokens, seed, *, plan: Plan):
   """A batch of documents -> their examples; `seed` is seqio's seed for this batch."""
   if not isinstance(tokens, tf.RaggedTensor):  # ragged_batch keeps equal-length rows dense.
@@ -600,7 +601,7 @@ def mixture_of_denoisers(dataset: tf.data.Dataset, output_features: Mapping[str,
     ValueError: before building any graph, if a denoiser cannot fit the lengths.
   """
   plan = make_plan(denoisers, sequence_length, output_features["targets"].vocabulary)
-  ds = dataset.map(lambda features: features[feature_key])
+  ds = dataset.map(tf.autograph.experimental.do_not_convert(lambda features: features[feature_key]))
   ds = ds.ragged_batch(_BATCH)
   # Rows of the ragged batch come out as 1-D tensors (their element_spec says
   # RaggedTensorSpec of ragged_rank 0). A per-example identity map would make the spec
