@@ -49,7 +49,10 @@ def main(spec: dict) -> None:
     updates, o = opt.update(grads, o, p)
     return optax.apply_updates(p, updates), o
 
-  step = jax.jit(train_step, donate_argnums=0)
+  # Optional: the XLA options ul2 uses on this backend, to separate their effect
+  # from the model's (model_bench.py prints both).
+  step = jax.jit(train_step, donate_argnums=0,
+                 compiler_options=spec.get("compiler_options") or None)
   state = step((params, opt.init(params)))
   jax.block_until_ready(state)
   times = []

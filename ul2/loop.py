@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ul2 import checkpoint as checkpoint_lib
+from ul2 import compiler
 from ul2 import distributed
 from ul2 import metrics as metrics_lib
 from ul2 import model as model_lib
@@ -155,6 +156,7 @@ def build(config: TrainConfig, num_denoisers: int,
       num_microbatches=config.num_microbatches)
   eval_fn = functools.partial(trainer.eval_step, apply_fn=model.apply,
                               z_loss=config.loss.z_loss, num_denoisers=num_denoisers)
+  options = compiler.compiler_options(mesh.devices.flat[0].platform)
   return Setup(
       mesh=mesh,
       model=model,
@@ -164,9 +166,9 @@ def build(config: TrainConfig, num_denoisers: int,
       train_step=jax.jit(step_fn,
                          in_shardings=(state_shardings, data_sharding, replicated),
                          out_shardings=(state_shardings, replicated),
-                         donate_argnums=0),
+                         donate_argnums=0, compiler_options=options),
       eval_step=jax.jit(eval_fn, in_shardings=(state_shardings.params, data_sharding),
-                        out_shardings=replicated),
+                        out_shardings=replicated, compiler_options=options),
       batch_sharding=data_sharding,
   )
 
