@@ -1,5 +1,7 @@
 """ul2.layers against naive references (numpy / plain einsum) and hand-computed values."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,3 +171,43 @@ def test_every_param_has_logical_axes():
   specs = nn.get_partition_spec(variables)["params"]
   assert specs["query"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads", "kv")
   assert specs["out"]["kernel"] == jax.sharding.PartitionSpec("heads", "kv", "embed")
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_scanned_attention_equals_plain_values_and_gradients(per_example):
+  """The scan-over-examples core with its own VJP gives XLA autodiff's numbers:
+  shared bias + padding mask, and per-example bias + packed causal mask."""
+  from ul2 import attention  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  b, q_len, k_len, h, d = 3, 6, 6, 2, 4
+  q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32)
+             for n in (q_len, k_len, k_len))
+  bias = jnp.asarray(rng.normal(size=(b if per_example else 1, h, q_len, k_len)), jnp.float32)
+  if per_example:
+    segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1], [1, 2, 2, 3, 3, 3]])
+    mask = L.attention_mask_bias(None, segments > 0, segments, segments, True, q_len, k_len)
+  else:
+    mask = L.attention_mask_bias(None, jnp.arange(k_len)[None] < jnp.asarray([[6], [4], [1]]),
+                                 None, None, False, q_len, k_len)
+
+  def loss(fn, q, k, v, bias):
+    return jnp.sum(jnp.sin(fn(q, k, v, bias)))
+
+  plain = lambda q, k, v, bias: attention.dot_product_attention(q, k, v, bias, mask, jnp.float32)
+  scanned = lambda q, k, v, bias: attention.scanned_attention(q, k, v, bias, mask)
+  np.testing.assert_allclose(scanned(q, k, v, bias), plain(q, k, v, bias), rtol=1e-5, atol=1e-6)
+  want = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  got = jax.grad(functools.partial(loss, scanned), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  for name, g, w in zip("q k v bias".split(), got, want):
+    assert g.shape == w.shape, name
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_attention_impl_auto_scans_on_cpu_only_without_a_batch_split():
+  from ul2 import attention, sharding  # pylint: disable=import-outside-toplevel
+  assert attention.choose("xla") == "xla" and attention.choose("scan") == "scan"
+  assert attention.choose("auto") == "scan"  # CPU, no mesh.
+  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=4))):
+    assert attention.choose("auto") == "xla"
+  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=8))):
+    assert attention.choose("auto") == "scan"

@@ -19,6 +19,7 @@ h heads, d head_dim, f mlp, v vocab.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from ul2 import attention as attention_lib
 
 Array = jax.Array
 DType = jnp.dtype
@@ -210,6 +213,7 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   deterministic: bool = True
   is_cross_attention: bool = False
+  attention_impl: str = "auto"  # ul2.attention.IMPLEMENTATIONS.
 
   def _proj(self, name: str, d_model: int, std: float) -> Array:
     return Kernel((d_model, self.num_heads, self.head_dim), ("embed", "heads", "kv"), std,
@@ -217,9 +221,13 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, kv_input: Array | None, bias: Array | None,
-               decode: bool = False, cache_index: Array | None = None) -> Array:
+               decode: bool = False, cache_index: Array | None = None, *,
+               mask: Array | None = None) -> Array:
     """x: [b, q, e]; kv_input: [b, k, e] for cross-attention (None for self);
-    bias: additive, broadcastable to [b, h, q, k] (relative positions + masks)."""
+    bias, mask: additive, each broadcastable to [b, h, q, k] (typically the relative
+    position bias [1|b, h, q, k] and the mask [b, 1, 1|q, k]). Kept apart rather than
+    summed by the caller, so no [b, h, q, k] sum is materialised once per stack and
+    the bias gradient is reduced over the batch inside each layer's softmax backward."""
     d_model = x.shape[-1]
     h, d = self.num_heads, self.head_dim
     wq = self._proj("query", d_model, (d_model * d) ** -0.5)
@@ -248,14 +256,14 @@ class MultiHeadAttention(nn.Module):
     k = constrain(k, heads_axes)
     v = constrain(v, heads_axes)
 
-    # b q h d, b k h d -> b h q k (float32 softmax).
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    dropout = None
     if self.dropout_rate > 0.0 and not self.deterministic:
-      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+      dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
+    if (attention_lib.choose(self.attention_impl) == "scan" and dropout is None
+        and not decode):
+      out = attention_lib.scanned_attention(q, k, v, bias, mask)
+    else:
+      out = attention_lib.dot_product_attention(q, k, v, bias, mask, self.dtype, dropout)
     out = constrain(out, heads_axes)
     return jnp.einsum("bqhd,hde->bqe", out, wo)
 

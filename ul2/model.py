@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from ul2 import attention as attention_lib
 from ul2 import layers as L
 
 Array = jax.Array
@@ -61,6 +62,8 @@ class ModelConfig:
     d_model**-0.5 (original T5); False (T5 v1.1, UL2) gives `logits_dense`.
   final_decoder_norm_scale: False for UL2-20B, whose final decoder norm has no scale.
   scan_layers / remat_policy: memory options for big models (see REMAT_POLICIES).
+  attention_impl: "xla", "scan" (one example at a time, CPU-friendly) or "auto"
+    (scan on CPU when the batch is not split over devices); see ul2.attention.
   """
   vocab_size: int
   d_model: int
@@ -79,6 +82,7 @@ class ModelConfig:
   scan_layers: bool = False
   remat_policy: str = "none"
   layer_norm_epsilon: float = 1e-6
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
@@ -94,6 +98,9 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat_policy must be one of {sorted(REMAT_POLICIES)}, "
                        f"got {self.remat_policy!r}")
+    if self.attention_impl not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.attention_impl must be one of "
+                       f"{attention_lib.IMPLEMENTATIONS}, got {self.attention_impl!r}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
 
@@ -111,12 +118,13 @@ class EncoderLayer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array | None) -> tuple[Array, None]:
+  def __call__(self, x: Array, bias: Array | None, mask: Array | None) -> tuple[Array, None]:
     cfg, dtype = self.config, self.config.activation_dtype
     dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     y = L.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
     y = L.MultiHeadAttention(cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate,
-                             self.deterministic, name="attention")(y, None, bias)
+                             self.deterministic, attention_impl=cfg.attention_impl,
+                             name="attention")(y, None, bias, mask=mask)
     x = x + dropout(y)
     y = L.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
     y = L.GatedMlp(cfg.d_ff, cfg.activation, dtype, cfg.dropout_rate, self.deterministic,
@@ -131,18 +139,20 @@ class DecoderLayer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_bias: Array | None,
-               cross_bias: Array | None, cache_index: Array | None) -> tuple[Array, None]:
+  def __call__(self, x: Array, encoded: Array, self_bias: Array | None, self_mask: Array | None,
+               cross_mask: Array | None, cache_index: Array | None) -> tuple[Array, None]:
     cfg, dtype = self.config, self.config.activation_dtype
     dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     attention = functools.partial(L.MultiHeadAttention, cfg.num_heads, cfg.head_dim, dtype,
-                                  cfg.dropout_rate, self.deterministic)
+                                  cfg.dropout_rate, self.deterministic,
+                                  attention_impl=cfg.attention_impl)
     y = L.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
-    y = attention(name="self_attention")(y, None, self_bias, self.decode, cache_index)
+    y = attention(name="self_attention")(y, None, self_bias, self.decode, cache_index,
+                                         mask=self_mask)
     x = x + dropout(y)
     y = L.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
     y = attention(is_cross_attention=True, name="encoder_decoder_attention")(
-        y, encoded, cross_bias, self.decode)
+        y, encoded, None, self.decode, mask=cross_mask)
     x = x + dropout(y)
     y = L.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
     y = L.GatedMlp(cfg.d_ff, cfg.activation, dtype, cfg.dropout_rate, self.deterministic,
@@ -196,13 +206,12 @@ class Encoder(nn.Module):
                                     bidirectional=True, name="relpos_bias")(pos, pos)
     mask = L.attention_mask_bias(None, tokens > 0, segment_ids, segment_ids, causal=False,
                                  query_length=tokens.shape[1], key_length=tokens.shape[1])
-    bias = bias + mask  # [b|1, h, q, k], float32, computed once for all layers.
     x = self.shared_embedding(tokens)
     x = L.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    layers = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, 1, use_remat=True,
+    layers = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, 2, use_remat=True,
                     deterministic=deterministic)
-    x = _run_stack(layers, x, bias)
+    x = _run_stack(layers, x, bias, mask)
     x = L.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return L.constrain(x, ("batch", "length", "embed"))
@@ -231,25 +240,26 @@ class Decoder(nn.Module):
       index.value = cache_index + 1
       key_pos = jnp.arange(max_length, dtype=jnp.int32)
       self_bias = relpos(cache_index[None], key_pos)  # [1, h, 1, max_length]
-      self_bias = self_bias + jnp.where(key_pos <= cache_index, 0.0, L.MASK_VALUE)
+      self_mask = jnp.where(key_pos <= cache_index, 0.0, L.MASK_VALUE)[None, None, None, :]
     else:
       if decode:  # Creating call: remember the cache length.
         self.variable("cache", "cache_index", jnp.zeros, (), jnp.int32)
         self.variable("cache", "key_positions", jnp.arange, tokens.shape[1], dtype=jnp.int32)
       pos = _positions(tokens, positions)
-      self_bias = relpos(pos, pos) + L.attention_mask_bias(
+      self_bias = relpos(pos, pos)
+      self_mask = L.attention_mask_bias(
           None, None, segment_ids, segment_ids, causal=True,
           query_length=tokens.shape[1], key_length=tokens.shape[1])
-    cross_bias = L.attention_mask_bias(
+    cross_mask = L.attention_mask_bias(
         None, encoder_tokens > 0, segment_ids, encoder_segment_ids, causal=False,
         query_length=tokens.shape[1], key_length=encoder_tokens.shape[1])
 
     x = self.shared_embedding(tokens)
     x = L.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    layers = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, 4, use_remat=not decode,
+    layers = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, 5, use_remat=not decode,
                     deterministic=deterministic, decode=decode)
-    x = _run_stack(layers, x, encoded, self_bias, cross_bias, cache_index)
+    x = _run_stack(layers, x, encoded, self_bias, self_mask, cross_mask, cache_index)
     x = L.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype,
                   use_scale=cfg.final_decoder_norm_scale, name="decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
