@@ -113,6 +113,15 @@ class ModelConfig:
 # Layers of the two stacks. Each returns (x, None) so nn.scan can carry x.
 
 
+def _mlp_residual(cfg: ModelConfig, deterministic: bool, x: Array, dropout: nn.Module) -> Array:
+  """x + MLP(norm(x)): the last block of both layer kinds (called inside their
+  compact __call__, so the submodules belong to the calling layer)."""
+  y = L.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="pre_mlp_layer_norm")(x)
+  y = L.GatedMlp(cfg.d_ff, cfg.activation, cfg.activation_dtype, cfg.dropout_rate, deterministic,
+                 name="mlp")(y)
+  return L.constrain(x + dropout(y), ("batch", "length", "embed"))
+
+
 class EncoderLayer(nn.Module):
   config: ModelConfig
   deterministic: bool = True
@@ -126,11 +135,7 @@ class EncoderLayer(nn.Module):
                              self.deterministic, attention_impl=cfg.attention_impl,
                              name="attention")(y, None, bias, mask=mask)
     x = x + dropout(y)
-    y = L.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    y = L.GatedMlp(cfg.d_ff, cfg.activation, dtype, cfg.dropout_rate, self.deterministic,
-                   name="mlp")(y)
-    x = L.constrain(x + dropout(y), ("batch", "length", "embed"))
-    return x, None
+    return _mlp_residual(cfg, self.deterministic, x, dropout), None
 
 
 class DecoderLayer(nn.Module):
@@ -154,11 +159,7 @@ class DecoderLayer(nn.Module):
     y = attention(is_cross_attention=True, name="encoder_decoder_attention")(
         y, encoded, None, self.decode, mask=cross_mask)
     x = x + dropout(y)
-    y = L.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    y = L.GatedMlp(cfg.d_ff, cfg.activation, dtype, cfg.dropout_rate, self.deterministic,
-                   name="mlp")(y)
-    x = L.constrain(x + dropout(y), ("batch", "length", "embed"))
-    return x, None
+    return _mlp_residual(cfg, self.deterministic, x, dropout), None
 
 
 def _stack(layer_cls: type[nn.Module], cfg: ModelConfig, num_layers: int, num_args: int,
