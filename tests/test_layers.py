@@ -194,13 +194,26 @@ def test_scanned_attention_equals_plain_values_and_gradients(per_example):
     return jnp.sum(jnp.sin(fn(q, k, v, bias)))
 
   plain = lambda q, k, v, bias: attention.dot_product_attention(q, k, v, bias, mask, jnp.float32)
-  scanned = lambda q, k, v, bias: attention.scanned_attention(q, k, v, bias, mask)
-  np.testing.assert_allclose(scanned(q, k, v, bias), plain(q, k, v, bias), rtol=1e-5, atol=1e-6)
   want = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2, 3))(q, k, v, bias)
-  got = jax.grad(functools.partial(loss, scanned), argnums=(0, 1, 2, 3))(q, k, v, bias)
-  for name, g, w in zip("q k v bias".split(), got, want):
-    assert g.shape == w.shape, name
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+  for chunk in (1, 3):  # One example per step, and the whole batch in one step.
+    scanned = lambda q, k, v, bias: attention.scanned_attention(q, k, v, bias, mask, chunk)
+    np.testing.assert_allclose(scanned(q, k, v, bias), plain(q, k, v, bias), rtol=1e-5,
+                               atol=1e-6)
+    got = jax.grad(functools.partial(loss, scanned), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for name, g, w in zip("q k v bias".split(), got, want):
+      assert g.shape == w.shape, name
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name}, chunk {chunk}")
+
+
+def test_scan_chunks_fit_the_cache_budget_and_divide_the_batch():
+  from ul2 import attention  # pylint: disable=import-outside-toplevel
+  per_example = 6 * 512 * 512 * 4  # T5-small heads, 512 tokens: 6 MiB.
+  assert attention.CHUNK_BYTES // per_example == 2
+  assert attention.chunk_size(8, 6, 512, 512) == 2
+  assert attention.chunk_size(6, 6, 512, 512) == 2
+  assert attention.chunk_size(7, 6, 512, 512) == 1   # Prime batch: one at a time.
+  assert attention.chunk_size(8, 32, 2048, 2048) == 1  # Bigger than the budget: still 1.
+  assert attention.chunk_size(8, 4, 128, 128) == 8
 
 
 def test_attention_impl_auto_scans_on_cpu_only_without_a_batch_split():

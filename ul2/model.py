@@ -62,7 +62,7 @@ class ModelConfig:
     d_model**-0.5 (original T5); False (T5 v1.1, UL2) gives `logits_dense`.
   final_decoder_norm_scale: False for UL2-20B, whose final decoder norm has no scale.
   scan_layers / remat_policy: memory options for big models (see REMAT_POLICIES).
-  attention_impl: "xla", "scan" (one example at a time, CPU-friendly) or "auto"
+  attention_impl: "xla", "scan" (a few examples at a time, CPU-friendly) or "auto"
     (scan on CPU when the batch is not split over devices); see ul2.attention.
   """
   vocab_size: int
