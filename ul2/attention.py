@@ -7,16 +7,17 @@
 dropout, and when decoding.
 
 `scanned_attention`: the same function a few examples at a time (`lax.scan` over
-chunks of the batch, sized by `chunk_size`) with its own backward pass: it saves only q, k, v, the output and each
-row's max and sum of exponentials (not their log-sum-exp: a fully masked row
-sits at -1e10, where adding log(k) is lost to rounding), recomputes an example's weights in the backward pass and uses
+chunks of the batch, sized by `chunk_size`) with its own backward pass. It saves
+only q, k, v, the output and each row's max and sum of exponentials (not their
+log-sum-exp: a fully masked row sits at -1e10, where adding log(k) is lost to
+rounding), recomputes a chunk's weights in the backward pass and uses
 rowsum(dO * O) for the softmax Jacobian (FlashAttention's identity). Each step
 works on [c, h, q, k] (6 MB per example for T5-small at 512 tokens), which stays in
-cache, instead of a few passes over [b, h, q, k] arrays (50 MB at batch 8). On 2 CPU
-cores the T5-small encoder's attention core, forward and backward at batch 8 x 512,
-takes about 160-180 ms against 220-250 ms. No [b, h, q, k] activation is kept for the backward pass.
-Its loop runs over the batch axis, so it is only chosen where that axis is not
-sharded (see `choose`).
+cache, instead of a few passes over [b, h, q, k] arrays (50 MB at batch 8), and no
+[b, h, q, k] activation is kept for the backward pass. On 2 CPU cores the T5-small
+encoder's attention core, forward and backward at batch 8 x 512, takes about
+156-180 ms against 220-250 ms. The loop runs over the batch axis, so "auto" only
+chooses it where that axis is not split over devices (`choose`).
 """
 
 from __future__ import annotations
