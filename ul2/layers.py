@@ -164,6 +164,18 @@ def attention_mask_bias(query_mask: Array | None, key_mask: Array | None,
 # Layers.
 
 
+def _stacked(*kernels: Array) -> Array:
+  """Kernels sharing their input, stacked on a new axis 1: [e, n, ...].
+
+  The parameters stay separate (T5X/Hugging Face layout, export unchanged); the
+  forward pass makes one matmul of them, so the backward pass makes one input
+  gradient matmul with an n-times longer contraction instead of n matmuls and a sum.
+  On 2 CPU cores this makes the T5-small train step about 3% faster (gated MLP) and
+  1% (attention projections), measured A/B in one process.
+  """
+  return jnp.stack(kernels, axis=1)
+
+
 class RMSNorm(nn.Module):
   """T5's layer norm: no mean subtraction, no bias; statistics in float32."""
   epsilon: float = 1e-6
@@ -237,20 +249,21 @@ class MultiHeadAttention(nn.Module):
                 name="out")().astype(self.dtype)
     heads_axes = ("batch", "length", "heads", "kv")
 
-    q = constrain(jnp.einsum("bqe,ehd->bqhd", x, wq), heads_axes)
     if self.is_cross_attention:
+      q = constrain(jnp.einsum("bqe,ehd->bqhd", x, wq), heads_axes)
       if decode and self.has_variable("cache", "cross_key"):
         k = self.get_variable("cache", "cross_key")
         v = self.get_variable("cache", "cross_value")
       else:
-        k = jnp.einsum("bke,ehd->bkhd", kv_input, wk)
-        v = jnp.einsum("bke,ehd->bkhd", kv_input, wv)
+        kv = jnp.einsum("bke,ejhd->bkjhd", kv_input, _stacked(wk, wv))
+        k, v = kv[:, :, 0], kv[:, :, 1]
         if decode:  # The call that creates the cache stores the projections.
           self.put_variable("cache", "cross_key", k)
           self.put_variable("cache", "cross_value", v)
     else:
-      k = jnp.einsum("bke,ehd->bkhd", x, wk)
-      v = jnp.einsum("bke,ehd->bkhd", x, wv)
+      qkv = jnp.einsum("bke,ejhd->bkjhd", x, _stacked(wq, wk, wv))
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      q = constrain(q, heads_axes)
       if decode:
         k, v = self._update_cache(k, v, cache_index)
     k = constrain(k, heads_axes)
@@ -299,8 +312,9 @@ class GatedMlp(nn.Module):
     wi_1 = Kernel((d_model, self.d_ff), ("embed", "mlp"), d_model ** -0.5, name="wi_1")()
     wo = Kernel((self.d_ff, d_model), ("mlp", "embed"), self.d_ff ** -0.5, name="wo")()
     act = {"silu": jax.nn.silu, "gelu": lambda y: jax.nn.gelu(y, approximate=True)}[self.activation]
-    gate = jnp.einsum("ble,ef->blf", x, wi_0.astype(self.dtype))
-    linear = jnp.einsum("ble,ef->blf", x, wi_1.astype(self.dtype))
+    # One matmul against both input kernels stacked: e 2 f (see _stacked).
+    both = jnp.einsum("ble,ecf->blcf", x, _stacked(wi_0, wi_1).astype(self.dtype))
+    gate, linear = both[:, :, 0], both[:, :, 1]
     hidden = constrain(act(gate) * linear, ("batch", "length", "mlp"))
     if self.dropout_rate > 0.0 and not self.deterministic:
       hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=False)
