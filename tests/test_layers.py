@@ -174,10 +174,9 @@ def test_every_param_has_logical_axes():
 
 
 @pytest.mark.parametrize("per_example", [False, True])
-def test_scanned_attention_equals_plain_values_and_gradients(per_example, monkeypatch):
-  """The chunked core with its own VJP gives XLA autodiff's numbers: shared bias +
-  padding mask, and per-example bias + packed causal mask; chunks unrolled or in a
-  `lax.scan` (more than MAX_UNROLLED_CHUNKS of them)."""
+def test_scanned_attention_equals_plain_values_and_gradients(per_example):
+  """The scan-over-examples core with its own VJP gives XLA autodiff's numbers:
+  shared bias + padding mask, and per-example bias + packed causal mask."""
   from ul2 import attention  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   b, q_len, k_len, h, d = 3, 6, 6, 2, 4
@@ -196,26 +195,23 @@ def test_scanned_attention_equals_plain_values_and_gradients(per_example, monkey
 
   plain = lambda q, k, v, bias: attention.dot_product_attention(q, k, v, bias, mask, jnp.float32)
   want = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2, 3))(q, k, v, bias)
-  # One example per step (unrolled, then scanned), and the whole batch in one step.
-  for chunk, max_unrolled in ((1, 8), (1, 0), (3, 8)):
-    monkeypatch.setattr(attention, "MAX_UNROLLED_CHUNKS", max_unrolled)
+  for chunk in (1, 3):  # One example per step, and the whole batch in one step.
     scanned = lambda q, k, v, bias: attention.scanned_attention(q, k, v, bias, mask, chunk)
     np.testing.assert_allclose(scanned(q, k, v, bias), plain(q, k, v, bias), rtol=1e-5,
                                atol=1e-6)
     got = jax.grad(functools.partial(loss, scanned), argnums=(0, 1, 2, 3))(q, k, v, bias)
     for name, g, w in zip("q k v bias".split(), got, want):
       assert g.shape == w.shape, name
-      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name}, chunk {chunk}, unrolled <= {max_unrolled}")
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name}, chunk {chunk}")
 
 
 def test_scan_chunks_fit_the_cache_budget_and_divide_the_batch():
   from ul2 import attention  # pylint: disable=import-outside-toplevel
   per_example = 6 * 512 * 512 * 4  # T5-small heads, 512 tokens: 6 MiB.
-  assert attention.CHUNK_BYTES // per_example == 1
-  assert attention.chunk_size(8, 6, 512, 512) == 1
-  assert attention.chunk_size(8, 6, 128, 512) == 4   # Cross-attention, 128 targets: 1.5 MiB.
-  assert attention.chunk_size(6, 6, 128, 512) == 3
-  assert attention.chunk_size(7, 6, 128, 512) == 1   # Prime batch: one at a time.
+  assert attention.CHUNK_BYTES // per_example == 2
+  assert attention.chunk_size(8, 6, 512, 512) == 2
+  assert attention.chunk_size(6, 6, 512, 512) == 2
+  assert attention.chunk_size(7, 6, 512, 512) == 1   # Prime batch: one at a time.
   assert attention.chunk_size(8, 32, 2048, 2048) == 1  # Bigger than the budget: still 1.
   assert attention.chunk_size(8, 4, 128, 128) == 8
 

@@ -6,7 +6,7 @@
 [b, h, q, k] weights for the backward pass. Used on TPU/GPU, with attention
 dropout, and when decoding.
 
-`scanned_attention`: the same function a few examples at a time (a loop over
+`scanned_attention`: the same function a few examples at a time (`lax.scan` over
 chunks of the batch, sized by `chunk_size`) with its own backward pass. It saves
 only q, k, v, the output and each row's max and sum of exponentials (not their
 log-sum-exp: a fully masked row sits at -1e10, where adding log(k) is lost to
@@ -16,7 +16,7 @@ works on [c, h, q, k] (6 MB per example for T5-small at 512 tokens), which stays
 cache, instead of a few passes over [b, h, q, k] arrays (50 MB at batch 8), and no
 [b, h, q, k] activation is kept for the backward pass. On 2 CPU cores the T5-small
 encoder's attention core, forward and backward at batch 8 x 512, takes about
-130-140 ms against 220-250 ms. The loop runs over the batch axis, so "auto" only
+156-180 ms against 220-250 ms. The loop runs over the batch axis, so "auto" only
 chooses it where that axis is not split over devices (`choose`).
 """
 
@@ -63,11 +63,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None,
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-# Examples per step: as many as keep a step's [c, h, q, k] float32 logits within
-# this many bytes, a quarter of a 32 MiB last-level cache (the step's other
-# [c, h, q, k] temporaries share it). A/B in the T5-small train step: 8 MiB is
-# about 1% faster than 16 MiB and 3% faster than 32 MiB; 4 MiB is no faster.
-CHUNK_BYTES = 8 << 20
+# Examples per scan step: as many as keep a step's [c, h, q, k] float32 logits
+# within this many bytes (about half of a 32 MiB last-level cache).
+CHUNK_BYTES = 16 << 20
 
 
 def chunk_size(batch: int, heads: int, q_len: int, k_len: int) -> int:
@@ -77,12 +75,10 @@ def chunk_size(batch: int, heads: int, q_len: int, k_len: int) -> int:
               if batch % c == 0 and c * per_example <= CHUNK_BYTES] or [1])
 
 
-def _rows(x: Array | None, i: Array | int, c: int) -> Array | None:
+def _rows(x: Array | None, i: Array, c: int) -> Array | None:
   """Examples [i*c, (i+1)*c) of a [1|b, ...] array (a shared leading 1 is kept)."""
   if x is None or x.shape[0] == 1:
     return x
-  if isinstance(i, int):
-    return jax.lax.slice_in_dim(x, i * c, (i + 1) * c, axis=0)
   return jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=0)
 
 
@@ -92,23 +88,9 @@ def _chunk_logits(q, k, bias, mask, i, c) -> Array:
   return _add_terms(logits, _rows(bias, i, c), _rows(mask, i, c))  # [c, h, q, k]
 
 
-# Up to this many chunks the loop is unrolled into straight-line code (static
-# slices, one concatenation per output), about 1% faster in the T5-small train step
-# than a while loop's dynamic slices and updates; beyond it `lax.scan` bounds the
-# program size.
-MAX_UNROLLED_CHUNKS = 8
-
-
-def _over_chunks(step, carry, num_chunks: int):
-  """`carry, y_i = step(carry, i)` for each chunk i; the y_i concatenated on axis 0."""
-  if num_chunks <= MAX_UNROLLED_CHUNKS:
-    ys = []
-    for i in range(num_chunks):
-      carry, y = step(carry, i)
-      ys.append(y)
-    return carry, jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *ys)
-  carry, ys = jax.lax.scan(step, carry, jnp.arange(num_chunks))
-  return carry, jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), ys)
+def _unchunk(x: Array | None) -> Array | None:
+  """[b // c, c, ...] scan outputs -> [b, ...]."""
+  return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def _forward(q, k, v, bias, mask, c):
@@ -120,7 +102,8 @@ def _forward(q, k, v, bias, mask, c):
     weights = (exp / row_sum[..., None]).astype(v.dtype)
     return None, (jnp.einsum("chqk,ckhd->cqhd", weights, _rows(v, i, c)), row_max, row_sum)
 
-  _, (out, row_max, row_sum) = _over_chunks(step, None, q.shape[0] // c)
+  _, outputs = jax.lax.scan(step, None, jnp.arange(q.shape[0] // c))
+  out, row_max, row_sum = map(_unchunk, outputs)
   return out, (row_max, row_sum)
 
 
@@ -161,7 +144,8 @@ def _scanned_bwd(c, residuals, d_out):
     return d_bias, (dq, dk, dv, per_example)
 
   init = jnp.zeros(bias.shape, jnp.float32) if shared_bias else None
-  d_bias, (dq, dk, dv, d_bias_examples) = _over_chunks(step, init, q.shape[0] // c)
+  d_bias, outputs = jax.lax.scan(step, init, jnp.arange(q.shape[0] // c))
+  dq, dk, dv, d_bias_examples = map(_unchunk, outputs)
   if bias is not None:
     d_bias = (d_bias if shared_bias else d_bias_examples).astype(bias.dtype)
   d_mask = None if mask is None else jnp.zeros_like(mask)
