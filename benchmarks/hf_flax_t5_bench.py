@@ -9,7 +9,9 @@ benchmarks/setup_hf_flax_venv.sh) and imports nothing from ul2:
 The config is ul2.export.hf_config_dict of the same model. Same work as ours:
 float32, dropout off, mean token cross-entropy, optax AdamW, median of jitted
 forward + backward + update steps after one compile and one warm-up step. Prints
-one JSON line with the step times.
+one JSON line with the step times. With "serve": true in the spec it instead times
+one step per "step" line on stdin (see `serve`), which model_bench.py uses to
+interleave the baseline's steps with its own.
 """
 
 import json
@@ -55,6 +57,9 @@ def main(spec: dict) -> None:
                  compiler_options=spec.get("compiler_options") or None)
   state = step((params, opt.init(params)))
   jax.block_until_ready(state)
+  if spec.get("serve"):
+    serve(step, state)
+    return
   times = []
   for _ in range(spec["steps"] + 1):
     start = time.perf_counter()
@@ -63,6 +68,21 @@ def main(spec: dict) -> None:
     times.append(time.perf_counter() - start)
   print(json.dumps(dict(step_seconds=times[1:], median=statistics.median(times[1:]),
                         transformers=transformers.__version__, jax=jax.__version__)))
+
+
+def serve(step, state) -> None:
+  """Interleaved mode (model_bench.py): after the compile, one timed step per "step"
+  line on stdin, each answered with {"step_seconds": t}; ends at EOF. The caller
+  alternates these steps with its own, so both sides see the same machine state."""
+  print(json.dumps(dict(ready=True, transformers=transformers.__version__,
+                        jax=jax.__version__)), flush=True)
+  for line in sys.stdin:
+    if line.strip() != "step":
+      break
+    start = time.perf_counter()
+    state = step(state)
+    jax.block_until_ready(state)
+    print(json.dumps(dict(step_seconds=time.perf_counter() - start)), flush=True)
 
 
 if __name__ == "__main__":

@@ -313,7 +313,8 @@ class GatedMlp(nn.Module):
     wo = Kernel((self.d_ff, d_model), ("mlp", "embed"), self.d_ff ** -0.5, name="wo")()
     act = {"silu": jax.nn.silu, "gelu": lambda y: jax.nn.gelu(y, approximate=True)}[self.activation]
     # One matmul against both input kernels stacked: e 2 f (see _stacked).
-    both = jnp.einsum("ble,ecf->blcf", x, _stacked(wi_0, wi_1).astype(self.dtype))
+    both = jnp.einsum("ble,ecf->blcf", x, _stacked(wi_0.astype(self.dtype),
+                                                   wi_1.astype(self.dtype)))
     gate, linear = both[:, :, 0], both[:, :, 1]
     hidden = constrain(act(gate) * linear, ("batch", "length", "mlp"))
     if self.dropout_rate > 0.0 and not self.deterministic:
