@@ -56,19 +56,6 @@ def model_config(shape: str) -> model_lib.ModelConfig:
   return dataclasses.replace(cfg, dtype="float32", dropout_rate=0.0)
 
 
-def matmul_peak(n: int = 4096, steps: int = 10) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
 def batch(vocab: int, targets: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   target_tokens = rng.integers(3, min(vocab, 32000), (BATCH, targets)).astype(np.int32)
@@ -204,7 +191,9 @@ def main(argv=None) -> None:
   parser.add_argument("--baseline_python", default=str(ROOT / ".venv-hfflax" / "bin" / "python"))
   args = parser.parse_args(argv)
 
-  peak = matmul_peak()
+  peak_stepper = PeakStepper()
+  peak = peak_stepper.flops / statistics.median(
+      [peak_stepper.step() for _ in range(3)]) / 1e9
   print(json.dumps(dict(bench="matmul_peak", n=4096, dtype="float32",
                         gflops_per_second=round(peak, 1), jax=jax.__version__)), flush=True)
   for shape in args.shapes.split(","):
