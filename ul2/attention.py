@@ -27,22 +27,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ul2 import sharding
+
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "xla", "scan")
 
 
-def choose(impl: str, batch_axes: tuple[str, ...] = ("data", "fsdp")) -> str:
+def choose(impl: str) -> str:
   """"auto" -> "scan" on CPU when the batch is not split over devices, else "xla"."""
   if impl != "auto":
     return impl
-  if jax.default_backend() != "cpu":
-    return "xla"
-  mesh = jax.sharding.get_abstract_mesh()
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if not mesh.empty else {}
-  split = 1
-  for axis in batch_axes:
-    split *= sizes.get(axis, 1)
-  return "scan" if split == 1 else "xla"
+  cpu_unsplit = jax.default_backend() == "cpu" and sharding.traced_batch_split() == 1
+  return "scan" if cpu_unsplit else "xla"
 
 
 def _add_terms(logits: Array, *terms: Array | None) -> Array:

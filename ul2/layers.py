@@ -194,7 +194,7 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding [vocab, embed]; `attend` gives logits against it (tied head)."""
+  """Token embedding [vocab, embed] (also the output kernel's transpose when tied)."""
   num_embeddings: int
   features: int
   dtype: DType = jnp.float32
@@ -205,10 +205,6 @@ class Embed(nn.Module):
 
   def __call__(self, tokens: Array) -> Array:
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
-
-  def attend(self, x: Array) -> Array:
-    # b l e, v e -> b l v
-    return jnp.einsum("ble,ve->blv", x, self.embedding.astype(self.dtype))
 
 
 class MultiHeadAttention(nn.Module):

@@ -154,8 +154,8 @@ def build(config: TrainConfig, num_denoisers: int,
       trainer.train_step, apply_fn=model.apply, optimizer=optimizer, schedule=schedule,
       loss=config.loss, num_denoisers=num_denoisers,
       num_microbatches=config.num_microbatches)
-  eval_fn = functools.partial(trainer.eval_step, apply_fn=model.apply,
-                              z_loss=config.loss.z_loss, num_denoisers=num_denoisers)
+  eval_fn = functools.partial(trainer.eval_step, apply_fn=model.apply, loss=config.loss,
+                              num_denoisers=num_denoisers)
   options = compiler.compiler_options(mesh.devices.flat[0].platform)
   return Setup(
       mesh=mesh,

@@ -227,7 +227,8 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded: Array, encoder_tokens: Array, tokens: Array,
                encoder_segment_ids: Array | None, segment_ids: Array | None,
-               positions: Array | None, deterministic: bool, decode: bool) -> Array:
+               positions: Array | None, deterministic: bool, decode: bool,
+               return_hidden: bool = False) -> Array | tuple[Array, Array]:
     cfg = self.config
     step = decode and self.has_variable("cache", "cache_index")
     cache_index = None
@@ -266,11 +267,15 @@ class Decoder(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = L.constrain(x, ("batch", "length", "embed"))
     if cfg.tie_word_embeddings:
-      logits = self.shared_embedding.attend(x * (cfg.d_model ** -0.5))
+      x = x * (cfg.d_model ** -0.5)
+      kernel = self.shared_embedding.embedding.T  # [embed, vocab]
     else:
       kernel = L.Kernel((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model ** -0.5,
                         name="logits_dense")()
-      logits = jnp.einsum("ble,ev->blv", x, kernel.astype(cfg.activation_dtype))
+    kernel = kernel.astype(cfg.activation_dtype)
+    if return_hidden:
+      return x, kernel
+    logits = jnp.einsum("ble,ev->blv", x, kernel)
     return L.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
@@ -293,18 +298,23 @@ class Transformer(nn.Module):
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
              encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
              decoder_positions: Array | None = None, *, enable_dropout: bool = False,
-             decode: bool = False) -> Array:
+             decode: bool = False, return_hidden: bool = False) -> Array | tuple[Array, Array]:
     """-> logits float32 [b, targets_length, vocab]. `decode=True` uses the "cache"
-    collection (pass it mutable): see ul2.decoding."""
+    collection (pass it mutable): see ul2.decoding. `return_hidden=True` returns the
+    output layer's input and kernel instead, (hidden [b, t, embed], kernel [embed,
+    vocab]) with logits = hidden @ kernel, for losses that never form the logits
+    (`ul2.losses.chunked_token_losses`)."""
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                         encoder_segment_ids, decoder_segment_ids, decoder_positions,
-                        not enable_dropout, decode)
+                        not enable_dropout, decode, return_hidden)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
                encoder_positions: Array | None = None, decoder_positions: Array | None = None,
-               *, enable_dropout: bool = False, **unused_features: Any) -> Array:
-    """Teacher-forced logits float32 [b, targets_length, vocab_size].
+               *, enable_dropout: bool = False, return_hidden: bool = False,
+               **unused_features: Any) -> Array | tuple[Array, Array]:
+    """Teacher-forced logits float32 [b, targets_length, vocab_size] (or, with
+    `return_hidden`, the output layer's input and kernel: see `decode`).
 
     Extra batch features (decoder_target_tokens, decoder_loss_weights,
     decoder_denoiser_ids) are accepted and ignored, so `model.apply(v, **batch)` works.
@@ -313,7 +323,8 @@ class Transformer(nn.Module):
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
                           enable_dropout=enable_dropout)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
-                       decoder_segment_ids, decoder_positions, enable_dropout=enable_dropout)
+                       decoder_segment_ids, decoder_positions, enable_dropout=enable_dropout,
+                       return_hidden=return_hidden)
 
 
 # ----------------------------------------------------------------------------

@@ -80,6 +80,16 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def traced_batch_split() -> int:
+  """Into how many parts the mesh being traced under (`jax.sharding.use_mesh`, or
+  jit's shardings) splits the batch axis; 1 outside any mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  return math.prod(sizes.get(axis, 1) for axis in BATCH_AXES)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, num_microbatches: int = 1) -> None:
   """Fails early, before anything compiles, on a batch the mesh cannot split."""
   dp = data_parallel_size(mesh)

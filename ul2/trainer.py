@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ul2 import losses
+
 Batch = Mapping[str, jax.Array]
 Sums = dict[str, jax.Array]
 
@@ -47,57 +49,77 @@ class LossConfig:
     normalizer: "num_tokens" divides the summed loss by the number of real target
       tokens in the (global) batch; a number divides by that constant instead
       (T5X's `loss_normalizing_factor`).
+    impl: "logits" forms the [b, t, vocab] logits and lets autodiff through them;
+      "chunked" never forms them (`ul2.losses.chunked_token_losses`); "auto" picks
+      "chunked" on CPU when the batch is not split over devices, else "logits".
+      All three give the same losses and gradients.
   """
   z_loss: float = 1e-4
   normalizer: str | float = "num_tokens"
+  impl: str = "auto"
 
   def __post_init__(self):
     if not (self.normalizer == "num_tokens" or
             (isinstance(self.normalizer, (int, float)) and self.normalizer > 0)):
       raise ValueError(f"loss normalizer {self.normalizer!r}: expected 'num_tokens' "
                        "or a positive number")
+    if self.impl not in losses.IMPLEMENTATIONS:
+      raise ValueError(f"loss impl {self.impl!r}: expected one of {losses.IMPLEMENTATIONS}")
 
 
 def model_inputs(batch: Batch) -> dict[str, jax.Array]:
   return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def loss_sums(logits: jax.Array, batch: Batch, z_loss: float,
-              num_denoisers: int) -> Sums:
-  """Summed token losses, overall and per denoiser.
-
-  b: batch, t: target length, v: vocabulary, n: denoisers.
-  """
-  logits = logits.astype(jnp.float32)                                  # [b, t, v]
+def summed_loss(params: Any, batch: Batch, *, apply_fn: Callable, loss: LossConfig,
+                num_denoisers: int, **apply_kwargs: Any) -> tuple[jax.Array, Sums]:
+  """The model's summed token loss over `batch` (the objective), and the loss sums."""
   targets = batch["decoder_target_tokens"]                             # [b, t]
   weights = batch["decoder_loss_weights"].astype(jnp.float32)          # [b, t]
-  log_z = jax.nn.logsumexp(logits, axis=-1)                            # [b, t]
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  cross_entropy = log_z - target_logits
-  token_loss = cross_entropy + z_loss * jnp.square(log_z)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  variables = {"params": params}
+  if losses.choose(loss.impl) == "chunked":
+    hidden, kernel = apply_fn(variables, **model_inputs(batch), return_hidden=True,
+                              **apply_kwargs)
+    objective, per_token = losses.chunked_token_losses(hidden, kernel, targets, weights,
+                                                       loss.z_loss)
+  else:
+    logits = apply_fn(variables, **model_inputs(batch), **apply_kwargs)
+    per_token = losses.token_losses(logits, targets, loss.z_loss)
+    objective = jnp.sum(per_token["loss"] * weights)
+  return objective, _sums(per_token, batch, num_denoisers)
+
+
+def loss_sums(logits: jax.Array, batch: Batch, z_loss: float,
+              num_denoisers: int) -> Sums:
+  """Summed token losses of `logits` [b, t, v], overall and per denoiser."""
+  per_token = losses.token_losses(logits, batch["decoder_target_tokens"], z_loss)
+  return _sums(per_token, batch, num_denoisers)
+
+
+def _sums(per_token: Mapping[str, jax.Array], batch: Batch, num_denoisers: int) -> Sums:
+  """Per-token losses [b, t] -> sums over the tokens (weighted), overall and per
+  denoiser (n: denoisers)."""
+  targets = batch["decoder_target_tokens"]
+  weights = batch["decoder_loss_weights"].astype(jnp.float32)
   denoiser_ids = batch.get("decoder_denoiser_ids", jnp.zeros_like(targets))
   per_denoiser = jax.nn.one_hot(denoiser_ids, num_denoisers) * weights[..., None]
   return {
-      "loss": jnp.sum(token_loss * weights),
-      "cross_entropy": jnp.sum(cross_entropy * weights),
-      "correct": jnp.sum(correct * weights),
+      "loss": jnp.sum(per_token["loss"] * weights),
+      "cross_entropy": jnp.sum(per_token["cross_entropy"] * weights),
+      "correct": jnp.sum(per_token["correct"] * weights),
       "tokens": jnp.sum(weights),
-      "denoiser_loss": jnp.einsum("btn,bt->n", per_denoiser, token_loss),
+      "denoiser_loss": jnp.einsum("btn,bt->n", per_denoiser, per_token["loss"]),
       "denoiser_tokens": jnp.sum(per_denoiser, axis=(0, 1)),
   }
 
 
 def grad_sums(params: Any, batch: Batch, rng: jax.Array, *, apply_fn: Callable,
-              z_loss: float, num_denoisers: int) -> tuple[Any, Sums]:
+              loss: LossConfig, num_denoisers: int) -> tuple[Any, Sums]:
   """Gradient of the *summed* loss of `batch`, and the loss sums."""
-  def summed_loss(p):
-    logits = apply_fn({"params": p}, **model_inputs(batch), enable_dropout=True,
-                      rngs={"dropout": rng})
-    sums = loss_sums(logits, batch, z_loss, num_denoisers)
-    return sums["loss"], sums
-
-  grads, sums = jax.grad(summed_loss, has_aux=True)(params)
+  objective = functools.partial(summed_loss, batch=batch, apply_fn=apply_fn, loss=loss,
+                                num_denoisers=num_denoisers, enable_dropout=True,
+                                rngs={"dropout": rng})
+  grads, sums = jax.grad(objective, has_aux=True)(params)
   return grads, sums
 
 
@@ -138,7 +160,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, apply_fn: Cal
                num_microbatches: int = 1) -> tuple[TrainState, dict[str, Any]]:
   """One optimiser update. `rng` is the run's dropout key; the step folds itself in."""
   rng = jax.random.fold_in(rng, state.step)
-  grad_fn = functools.partial(grad_sums, apply_fn=apply_fn, z_loss=loss.z_loss,
+  grad_fn = functools.partial(grad_sums, apply_fn=apply_fn, loss=loss,
                               num_denoisers=num_denoisers)
   grads, sums = accumulate_gradients(grad_fn, state.params, batch, rng, num_microbatches)
   normalizer = (jnp.maximum(sums["tokens"], 1.0) if loss.normalizer == "num_tokens"
@@ -152,7 +174,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, apply_fn: Cal
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: Batch, *, apply_fn: Callable, z_loss: float,
+def eval_step(params: Any, batch: Batch, *, apply_fn: Callable, loss: LossConfig,
               num_denoisers: int) -> Sums:
-  logits = apply_fn({"params": params}, **model_inputs(batch), enable_dropout=False)
-  return loss_sums(logits, batch, z_loss, num_denoisers)
+  return summed_loss(params, batch, apply_fn=apply_fn, loss=loss, num_denoisers=num_denoisers,
+                     enable_dropout=False)[1]

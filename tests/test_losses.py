@@ -1,0 +1,106 @@
+"""The fused (chunked) output-layer loss against autodiff through the logits."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ul2 import losses
+from ul2 import sharding
+from ul2 import trainer
+
+from test_trainer import TINY, make_config, random_batches, run_steps
+
+
+def _problem(seed, lead, e, v):
+  rng = np.random.default_rng(seed)
+  hidden = jnp.asarray(rng.normal(size=(*lead, e)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(e, v)).astype(np.float32))
+  targets = jnp.asarray(rng.integers(0, v, lead).astype(np.int32))
+  weights = jnp.asarray((rng.random(lead) < 0.7).astype(np.float32) * 1.5)
+  return hidden, kernel, targets, weights
+
+
+# (batch, length, embed, vocab, chunk): chunks that divide the tokens, that do not
+# (padding), the default size, and one chunk larger than all the tokens.
+@pytest.mark.parametrize("b, t, e, v, chunk", [(3, 8, 16, 50, 8), (4, 7, 8, 33, 5),
+                                                (2, 64, 32, 300, None), (2, 3, 8, 20, 64)])
+def test_chunked_losses_and_gradients_equal_autodiff_through_the_logits(b, t, e, v, chunk):
+  hidden, kernel, targets, weights = _problem(b * t, (b, t), e, v)
+  z_loss = 1e-2
+
+  def through_logits(hidden, kernel, weights):
+    per_token = losses.token_losses(jnp.einsum("bte,ev->btv", hidden, kernel), targets,
+                                    z_loss)
+    return jnp.sum(per_token["loss"] * weights), per_token
+
+  def chunked(hidden, kernel, weights):
+    return losses.chunked_token_losses(hidden, kernel, targets, weights, z_loss, chunk)
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+  (want, want_tokens), want_grads = grad(through_logits)(hidden, kernel, weights)
+  (got, got_tokens), got_grads = grad(chunked)(hidden, kernel, weights)
+  assert float(want) > 0
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for key in ("loss", "cross_entropy", "correct"):
+    assert got_tokens[key].shape == (b, t)
+    np.testing.assert_allclose(got_tokens[key], want_tokens[key], rtol=1e-5, atol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    assert float(jnp.max(jnp.abs(w))) > 0
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def test_chunked_losses_in_bfloat16_follow_the_float32_logits():
+  hidden, kernel, targets, weights = _problem(0, (2, 16), 32, 64)
+  want = losses.chunked_token_losses(hidden, kernel, targets, weights, 0.0)[0]
+  got, _ = losses.chunked_token_losses(hidden.astype(jnp.bfloat16),
+                                       kernel.astype(jnp.bfloat16), targets, weights, 0.0)
+  np.testing.assert_allclose(got, want, rtol=2e-2)
+  d_hidden = jax.grad(lambda h: losses.chunked_token_losses(
+      h, kernel.astype(jnp.bfloat16), targets, weights, 0.0)[0])(hidden.astype(jnp.bfloat16))
+  assert d_hidden.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(d_hidden)))
+
+
+def test_shapes_that_do_not_fit_are_a_clear_error():
+  hidden, kernel, targets, weights = _problem(0, (2, 4), 8, 10)
+  with pytest.raises(ValueError, match="do not multiply"):
+    losses.chunked_token_losses(hidden, kernel.T, targets, weights, 0.0)
+  with pytest.raises(ValueError, match="leading shape"):
+    losses.chunked_token_losses(hidden, kernel, targets[:, :3], weights, 0.0)
+
+
+def test_auto_is_chunked_on_one_cpu_device_and_logits_when_the_batch_is_split():
+  assert losses.choose("logits") == "logits" and losses.choose("chunked") == "chunked"
+  assert losses.choose("auto") == "chunked"  # CPU, no mesh.
+  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))):
+    assert losses.choose("auto") == "logits"
+  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=8))):
+    assert losses.choose("auto") == "chunked"
+
+
+def test_unknown_impl_is_a_clear_error():
+  with pytest.raises(ValueError, match="loss impl 'fused'"):
+    trainer.LossConfig(impl="fused")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_train_and_eval_steps_are_the_same_with_either_loss(tie):
+  batches = random_batches(2, 8, seed=11)
+  runs = {}
+  for impl in ("logits", "chunked"):
+    config = make_config(optimizer="adamw")
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(TINY, tie_word_embeddings=tie),
+        loss=trainer.LossConfig(impl=impl))
+    step_losses, params, setup = run_steps(config, batches, jax.devices()[:1])
+    eval_sums = jax.device_get(setup.eval_step(params, {
+        k: jnp.asarray(v) for k, v in batches[0].items()}))
+    runs[impl] = step_losses, params, eval_sums
+  (want, want_params, want_eval), (got, got_params, got_eval) = runs["logits"], runs["chunked"]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for key in want_eval:
+    np.testing.assert_allclose(got_eval[key], want_eval[key], rtol=1e-5, atol=1e-6)
