@@ -14,8 +14,9 @@ set beside `model.flops_per_token`.
 Caveats, shown with the numbers: the memory is XLA:CPU's buffer assignment, an
 estimate of what the TPU/GPU compilers will do (they fuse and schedule
 differently, and keep bfloat16 where the CPU may widen it); XLA's cost analysis
-counts a loop body once, so for scanned layers or microbatches the FLOPs come from
-an extra lowering (not compiled) of the same step unrolled.
+counts a loop body once, so for scanned layers, microbatches, or the chunked
+attention and loss that "auto" picks on CPU, the FLOPs come from an extra lowering
+(not compiled) of the same step unrolled.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def make_plan(config, num_devices: int, mesh_config=None,
               memory_per_device: int | None = None, num_denoisers: int = 7) -> Plan:
   """Compiles `config`'s train step for `num_devices` devices; nothing is allocated."""
   import jax  # pylint: disable=import-outside-toplevel
+  from ul2 import attention, losses  # pylint: disable=import-outside-toplevel
   from ul2 import model as model_lib, sharding  # pylint: disable=import-outside-toplevel
   if mesh_config is not None:
     config = dataclasses.replace(config, mesh=mesh_config)
@@ -188,11 +190,15 @@ def make_plan(config, num_devices: int, mesh_config=None,
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
 
-  loops = config.model.scan_layers or config.num_microbatches > 1
-  if loops:  # Count every layer and microbatch: lower (only) the unrolled step.
+  with jax.set_mesh(mesh):  # What "auto" picks for this mesh: loops over chunks?
+    chunk_loops = (attention.choose(config.model.attention_impl) == "scan"
+                   or losses.choose(config.loss.impl) == "chunked")
+  loops = config.model.scan_layers or config.num_microbatches > 1 or chunk_loops
+  if loops:  # Count every layer, microbatch and chunk: lower (only) the unrolled step.
     unrolled = dataclasses.replace(
         config, num_microbatches=1,
-        model=dataclasses.replace(config.model, scan_layers=False))
+        model=dataclasses.replace(config.model, scan_layers=False, attention_impl="xla"),
+        loss=dataclasses.replace(config.loss, impl="logits"))
     flops_xla = _flops(_lower(unrolled, num_denoisers, mesh)[1].cost_analysis())
   else:
     flops_xla = _flops(lowered.cost_analysis())
