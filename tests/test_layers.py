@@ -214,13 +214,3 @@ def test_scan_chunks_fit_the_cache_budget_and_divide_the_batch():
   assert attention.chunk_size(7, 6, 512, 512) == 1   # Prime batch: one at a time.
   assert attention.chunk_size(8, 32, 2048, 2048) == 1  # Bigger than the budget: still 1.
   assert attention.chunk_size(8, 4, 128, 128) == 8
-
-
-def test_attention_impl_auto_scans_on_cpu_only_without_a_batch_split():
-  from ul2 import attention, sharding  # pylint: disable=import-outside-toplevel
-  assert attention.choose("xla") == "xla" and attention.choose("scan") == "scan"
-  assert attention.choose("auto") == "scan"  # CPU, no mesh.
-  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=4))):
-    assert attention.choose("auto") == "xla"
-  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=8))):
-    assert attention.choose("auto") == "scan"

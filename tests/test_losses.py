@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ul2 import attention
 from ul2 import losses
 from ul2 import sharding
 from ul2 import trainer
@@ -71,13 +72,17 @@ def test_shapes_that_do_not_fit_are_a_clear_error():
     losses.chunked_token_losses(hidden, kernel, targets[:, :3], weights, 0.0)
 
 
-def test_auto_is_chunked_on_one_cpu_device_and_logits_when_the_batch_is_split():
-  assert losses.choose("logits") == "logits" and losses.choose("chunked") == "chunked"
-  assert losses.choose("auto") == "chunked"  # CPU, no mesh.
+# The attention core and the loss loop over the batch: "auto" loops only on CPU and
+# only where the batch is not split over devices.
+@pytest.mark.parametrize("choose, looped, plain", [(attention.choose, "scan", "xla"),
+                                                   (losses.choose, "chunked", "logits")])
+def test_auto_loops_on_cpu_only_without_a_batch_split(choose, looped, plain):
+  assert choose(plain) == plain and choose(looped) == looped
+  assert choose("auto") == looped  # CPU, no mesh.
   with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))):
-    assert losses.choose("auto") == "logits"
+    assert choose("auto") == plain
   with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=8))):
-    assert losses.choose("auto") == "chunked"
+    assert choose("auto") == looped
 
 
 def test_unknown_impl_is_a_clear_error():
