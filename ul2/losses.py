@@ -19,8 +19,8 @@ seven passes over a [b, t, v] float32 array (0.5 GB for T5-small at batch 8 x 51
 targets) and keeps one. On 2 CPU cores the output layer's forward and backward at
 that shape take 3.1 s instead of 3.3 s alone; in the whole T5-small train step the
 difference is larger (15.4 s instead of 17.1 s at 512/512 targets, 7.7 s instead of
-8.0 s at 128), as the logits no longer compete for memory with the rest of the
-backward pass. Only the summed loss is differentiable:
+8.0 s at 128); the profile shows fewer and cheaper copies and reductions around the
+output layer, not all of them accounted for. Only the summed loss is differentiable:
 the per-token statistics it also returns are for metrics, and their cotangents
 are ignored.
 """
