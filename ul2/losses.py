@@ -8,7 +8,8 @@ Both give, per target token, the cross-entropy, the z-loss-augmented loss
 `cross_entropy + z_loss * logsumexp(logits)**2` (PaLM/T5X) and whether the argmax
 is the target.
 
-`chunked_token_losses` never forms the [b, t, v] logits. It runs over chunks of
+`chunked_token_losses` never forms the [b, t, v] logits (it does keep one array of
+that size, the logits' gradient, for the kernel's gradient). It runs over chunks of
 tokens (`lax.scan`), each chunk's [c, v] logits sized to stay in cache, and since
 the objective it differentiates is the scalar `sum(weights * loss)`, it computes
 that scalar's gradient in the same pass: d_logits = weights * ((1 + 2 z log_z)
@@ -22,7 +23,9 @@ difference is larger (15.4 s instead of 17.1 s at 512/512 targets, 7.7 s instead
 8.0 s at 128); the profile shows fewer and cheaper copies and reductions around the
 output layer, not all of them accounted for. Only the summed loss is differentiable:
 the per-token statistics it also returns are for metrics, and their cotangents
-are ignored.
+are ignored (a gradient through them is silently zero). The logits are float32
+whatever the activation dtype, so with bfloat16 activations the losses differ from
+the logits form's (which rounds the logits to bfloat16) by that rounding.
 """
 
 from __future__ import annotations

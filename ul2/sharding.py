@@ -81,8 +81,9 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def traced_batch_split() -> int:
-  """Into how many parts the mesh being traced under (`jax.sharding.use_mesh`, or
-  jit's shardings) splits the batch axis; 1 outside any mesh."""
+  """Into how many parts the mesh set for tracing (`jax.set_mesh`) splits the batch
+  axis; 1 without one. A jit's in_shardings alone do not set it: ul2's loop, plan
+  and CLI trace their steps under `jax.set_mesh`."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return 1

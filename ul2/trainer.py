@@ -52,7 +52,8 @@ class LossConfig:
     impl: "logits" forms the [b, t, vocab] logits and lets autodiff through them;
       "chunked" never forms them (`ul2.losses.chunked_token_losses`); "auto" picks
       "chunked" on CPU when the batch is not split over devices, else "logits".
-      All three give the same losses and gradients.
+      All three give the same losses and gradients in float32 (with bfloat16
+      activations, "chunked" keeps the logits in float32; "logits" rounds them).
   """
   z_loss: float = 1e-4
   normalizer: str | float = "num_tokens"
