@@ -70,6 +70,14 @@ def test_chunked_losses_in_bfloat16_follow_the_float32_logits():
     np.testing.assert_allclose(g.astype(jnp.float32), w, atol=2e-2 * scale)
 
 
+def test_a_gradient_through_the_per_token_statistics_is_a_clear_error():
+  hidden, kernel, targets, weights = _problem(0, (2, 4), 8, 10)
+  per_token_loss = lambda h: jnp.sum(
+      losses.chunked_token_losses(h, kernel, targets, weights, 0.0)[1]["loss"])
+  with pytest.raises(ValueError, match="only the summed loss"):
+    jax.grad(per_token_loss)(hidden)
+
+
 def test_shapes_that_do_not_fit_are_a_clear_error():
   hidden, kernel, targets, weights = _problem(0, (2, 4), 8, 10)
   with pytest.raises(ValueError, match="do not multiply"):

@@ -22,8 +22,8 @@ that shape take 3.1 s instead of 3.3 s alone; in the whole T5-small train step t
 difference is larger (15.4 s instead of 17.1 s at 512/512 targets, 7.7 s instead of
 8.0 s at 128); the profile shows fewer and cheaper copies and reductions around the
 output layer, not all of them accounted for. Only the summed loss is differentiable:
-the per-token statistics it also returns are for metrics, and their cotangents
-are ignored (a gradient through them is silently zero). The logits are float32
+the per-token statistics it also returns are for metrics, and differentiating
+through them is an error (not a silent zero). The logits are float32
 whatever the activation dtype, so with bfloat16 activations the losses differ from
 the logits form's (which rounds the logits to bfloat16) by that rounding.
 """
@@ -34,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from ul2 import sharding
 
@@ -139,16 +140,23 @@ def _chunked(hidden, kernel, targets, weights, z_loss, chunk):
 
 
 def _chunked_fwd(hidden, kernel, targets, weights, z_loss, chunk):
+  # symbolic_zeros=True: the inputs come wrapped (CustomVJPPrimal).
+  hidden, kernel, targets, weights = (x.value for x in (hidden, kernel, targets, weights))
   total, stats, grads = _over_chunks(hidden, kernel, targets, weights, z_loss, chunk, True)
   return (total, stats), grads
 
 
 def _chunked_bwd(z_loss, chunk, grads, cotangents):
   del z_loss, chunk
-  d_total = cotangents[0]  # The per-token statistics carry no gradient.
+  d_total, d_stats = cotangents
+  if not all(isinstance(c, SymbolicZero) for c in jax.tree.leaves(d_stats)):
+    raise ValueError("chunked_token_losses: only the summed loss (the first output) has "
+                     "a gradient; the per-token statistics are for metrics")
   d_hidden, d_kernel, token_loss = grads
+  if isinstance(d_total, SymbolicZero):
+    d_total = jnp.zeros((), jnp.float32)
   return ((d_total * d_hidden).astype(d_hidden.dtype), (d_total * d_kernel).astype(d_kernel.dtype),
           None, d_total * token_loss)
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_chunked.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
