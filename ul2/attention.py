@@ -37,8 +37,7 @@ def choose(impl: str) -> str:
   """"auto" -> "scan" on CPU when the batch is not split over devices, else "xla"."""
   if impl != "auto":
     return impl
-  cpu_unsplit = jax.default_backend() == "cpu" and sharding.traced_batch_split() == 1
-  return "scan" if cpu_unsplit else "xla"
+  return "scan" if sharding.batch_loops_here() else "xla"
 
 
 def _add_terms(logits: Array, *terms: Array | None) -> Array:

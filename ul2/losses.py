@@ -47,8 +47,7 @@ def choose(impl: str) -> str:
   "logits" (the chunk loop runs over the flattened batch)."""
   if impl != "auto":
     return impl
-  cpu_unsplit = jax.default_backend() == "cpu" and sharding.traced_batch_split() == 1
-  return "chunked" if cpu_unsplit else "logits"
+  return "chunked" if sharding.batch_loops_here() else "logits"
 
 
 # Tokens per chunk: as many as keep a chunk's [c, v] float32 logits within this

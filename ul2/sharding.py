@@ -80,15 +80,18 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def traced_batch_split() -> int:
-  """Into how many parts the mesh set for tracing (`jax.set_mesh`) splits the batch
-  axis; 1 without one. A jit's in_shardings alone do not set it: ul2's loop, plan
-  and CLI trace their steps under `jax.set_mesh`."""
+def batch_loops_here() -> bool:
+  """Whether "auto" runs ul2's loops over examples or tokens (the chunked attention
+  core and loss) when tracing now: on CPU, and only if the mesh set for tracing
+  (`jax.set_mesh`) does not split the batch. A jit's in_shardings alone do not set
+  that mesh: ul2's loop, plan and CLI trace their steps under `jax.set_mesh`."""
+  if jax.default_backend() != "cpu":
+    return False
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return 1
+    return True
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  return math.prod(sizes.get(axis, 1) for axis in BATCH_AXES)
+  return math.prod(sizes.get(axis, 1) for axis in BATCH_AXES) == 1
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, num_microbatches: int = 1) -> None:
