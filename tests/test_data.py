@@ -7,6 +7,7 @@ import gin
 import numpy as np
 import pytest
 import seqio
+import tensorflow as tf
 
 import tasks
 from ul2 import data
@@ -216,3 +217,35 @@ def test_a_corpus_with_no_text_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"empty_corpus_test: the train files .* hold no text"):
     data.get_dataset(name, {"inputs": 64, "targets": 64}, "train", batch_size=2,
                      shuffle=False, seed=0)
+
+
+def _examples_dataset(examples):
+  return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature={
+      "inputs": tf.TensorSpec([None], tf.int32), "targets": tf.TensorSpec([None], tf.int32),
+      "denoiser": tf.TensorSpec([], tf.int32)})
+
+
+@pytest.mark.parametrize("length, num_examples", [(128, 4000), (512, 3000)])
+def test_packed_denoiser_ids_are_their_examples(length, num_examples):
+  """Every packed segment is the next example, with that example's denoiser id on all of
+  its weighted target tokens (seqio packs a feature by its non-zero values)."""
+  lengths = {"inputs": length, "targets": length}
+  ds = data.provider("local_ul2").get_dataset(lengths, split="train", shuffle=False, seed=0)
+  examples = [{k: ex[k] for k in ("inputs", "targets", "denoiser")}
+              for ex in ds.take(num_examples).as_numpy_iterator()]
+  rows = list(data.pack(_examples_dataset(examples), lengths).as_numpy_iterator())
+  assert len(rows) > 1000
+  it = iter(examples)
+  segments = 0
+  for row in rows:
+    weights, seg = row["decoder_loss_weights"], row["decoder_segment_ids"]
+    assert (weights == (seg > 0)).all()
+    for s in range(1, seg.max() + 1):
+      ex = next(it)
+      np.testing.assert_array_equal(row["decoder_target_tokens"][seg == s], ex["targets"])
+      np.testing.assert_array_equal(
+          row["encoder_input_tokens"][row["encoder_segment_ids"] == s], ex["inputs"])
+      ids = row["decoder_denoiser_ids"][(seg == s) & (weights > 0)]
+      assert (ids == ex["denoiser"]).all(), (s, ids, ex["denoiser"])
+      segments += 1
+  assert segments == num_examples and next(it, None) is None

@@ -48,6 +48,9 @@ class UL2FeatureConverter(seqio.EncDecFeatureConverter):
 
   The scalar `denoiser` of an example is spread over its targets before packing and
   packed with them, so it comes out as `decoder_denoiser_ids` [targets_length].
+  It is packed as `denoiser + 1`: seqio's packing takes an example's length to be
+  its number of non-zero values, so a feature of zeros (denoiser 0) would pack as
+  empty and shift every later example's ids.
   """
 
   MODEL_FEATURES = {
@@ -61,7 +64,7 @@ class UL2FeatureConverter(seqio.EncDecFeatureConverter):
     def spread(features):
       denoiser = features.get("denoiser", tf.constant(0, tf.int32))
       return {"inputs": features["inputs"], "targets": features["targets"],
-              "targets_denoiser": tf.fill(tf.shape(features["targets"]), denoiser)}
+              "targets_denoiser": tf.fill(tf.shape(features["targets"]), denoiser + 1)}
 
     ds = ds.map(spread, num_parallel_calls=tf.data.AUTOTUNE)
     lengths = {**task_feature_lengths, "targets_denoiser": task_feature_lengths["targets"]}
@@ -70,7 +73,7 @@ class UL2FeatureConverter(seqio.EncDecFeatureConverter):
     @tf.autograph.experimental.do_not_convert
     def convert(features):
       return {**self._convert_example(features),
-              "decoder_denoiser_ids": features["targets_denoiser"]}
+              "decoder_denoiser_ids": tf.maximum(features["targets_denoiser"] - 1, 0)}
 
     return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -202,6 +205,11 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def pack(examples: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  """Examples ({"inputs", "targets", "denoiser"}) -> packed model rows, as `get_dataset`."""
+  return UL2FeatureConverter(pack=True)(examples, dict(task_feature_lengths))
 
 
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
