@@ -5,7 +5,8 @@
   ul2/assets/train.txt, validation: ul2/assets/validation.txt).
 
 Both run source -> clean text -> tokenise -> `ul2.denoisers.mixture_of_denoisers`
-with the UL2 mixture. `register_ul2_task` registers more, or replaces one of these,
+with the UL2 mixture, which joins the documents into one stream and cuts it into
+full windows (`merge_documents=False` keeps each document on its own). `register_ul2_task` registers more, or replaces one of these,
 with other files, TFDS directory, vocabulary or denoisers; from gin:
 
     from __gin__ import dynamic_registration
@@ -120,6 +121,8 @@ def register_ul2_task(
     vocab_path: str | os.PathLike = assets.VOCAB_PATH,
     extra_ids: int = assets.EXTRA_IDS,
     shuffle_buffer_size: int = 1000,
+    merge_documents: bool = True,
+    document_separator: int | None = None,
 ) -> str:
   """Registers (or replaces) a UL2 seqio Task and returns its name.
 
@@ -133,6 +136,12 @@ def register_ul2_task(
     denoisers: the mixture; `ul2.data.task_denoisers(name)` returns it, in order.
     vocab_path: SentencePiece model; `extra_ids` sentinels are added on top.
     shuffle_buffer_size: examples in seqio's shuffle buffer (seqio's default, 1000).
+    merge_documents: join the documents of a batch into one stream before cutting
+      windows, as UL2's and T5's span corruption (full windows; spans keep their
+      mean length on short documents); False: each document makes its own examples,
+      for corpora whose boundaries matter.
+    document_separator: with `merge_documents`, a token id put after each document
+      (e.g. 1, EOS); default none, as T5's `reduce_concat_tokens`.
   """
   denoisers = denoisers_lib.validate_mixture(denoisers)
   if text_glob is not None and tfds_name is not None:
@@ -160,7 +169,9 @@ def register_ul2_task(
           functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
           clean_text,
           functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-          functools.partial(denoisers_lib.mixture_of_denoisers, denoisers=denoisers),
+          functools.partial(denoisers_lib.mixture_of_denoisers, denoisers=denoisers,
+                            merge_documents=merge_documents,
+                            document_separator=document_separator),
       ],
       output_features=output_features,
       shuffle_buffer_size=shuffle_buffer_size,

@@ -1,5 +1,6 @@
 """Tasks, batches and `ul2 inspect`: local files, a local C4 TFDS directory, gin mixtures."""
 
+import itertools
 import json
 import pathlib
 
@@ -41,8 +42,10 @@ def take(ds, n):
   return [next(it) for _ in range(n)]
 
 
-def test_batches_have_the_models_features_packed():
-  batches = take(data.get_dataset("local_ul2", LENGTHS, "train", batch_size=4, shuffle=True,
+def test_batches_have_the_models_features_packed(registered):
+  # Full windows fill most rows alone; examples of one document each pack.
+  name = registered("test_per_document", merge_documents=False)
+  batches = take(data.get_dataset(name, LENGTHS, "train", batch_size=4, shuffle=True,
                                   seed=0), 5)
   assert max(b["decoder_segment_ids"].max() for b in batches) > 1, "packed"
   batch = batches[0]
@@ -53,7 +56,7 @@ def test_batches_have_the_models_features_packed():
   ids = batch["decoder_denoiser_ids"]
   weights = batch["decoder_loss_weights"]
   assert (weights == (seg > 0)).all()
-  num_denoisers = len(data.task_denoisers("local_ul2"))
+  num_denoisers = len(data.task_denoisers(name))
   for row in range(4):
     for s in set(seg[row][seg[row] > 0]):
       segment_ids = set(ids[row][seg[row] == s])
@@ -90,7 +93,8 @@ def test_shards_are_disjoint_and_cover_the_data(tmp_path, registered):
   lines = [f"document number {i} says hello" for i in range(40)]
   (tmp_path / "a.txt").write_text("\n".join(lines[:25]) + "\n")
   (tmp_path / "b.txt").write_text("\n".join(lines[25:]) + "\n")
-  name = registered("test_shards", text_glob=str(tmp_path / "*.txt"), denoisers=S_ONLY)
+  name = registered("test_shards", text_glob=str(tmp_path / "*.txt"), denoisers=S_ONLY,
+                    merge_documents=False)
   vocabulary = data._vocabulary(data.provider(name))  # pylint: disable=protected-access
   shards = []
   for shard_id in range(2):
@@ -105,8 +109,9 @@ def test_shards_are_disjoint_and_cover_the_data(tmp_path, registered):
 def test_bad_documents_are_skipped_or_repaired(tmp_path, registered):
   (tmp_path / "docs.txt").write_bytes(
       b"good line one\n\n   \t \ncaf\xc3 broken \xff utf8 line\nlast good line\n")
-  name = registered("test_bad_text", text_glob=str(tmp_path / "docs.txt"), denoisers=S_ONLY)
-  examples = data.examples(name, {"inputs": 64, "targets": 64}, num_examples=10)
+  name = registered("test_bad_text", text_glob=str(tmp_path / "docs.txt"), denoisers=S_ONLY,
+                    merge_documents=False)
+  examples = data.examples(name, {"inputs": 64, "targets": 64}, num_examples=10, repeat=False)
   texts = [ex["inputs_text"].replace("[S2S]", "").strip() + " " + ex["targets_text"]
            for ex in examples]
   assert len(examples) == 3  # The empty and whitespace-only lines are skipped.
@@ -116,8 +121,9 @@ def test_bad_documents_are_skipped_or_repaired(tmp_path, registered):
              {"text": 7}, "not an object", {"text": "another json document"}]
   lines = [json.dumps(r) for r in records] + ["{not json"]
   (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
-  name = registered("test_jsonl", text_glob=str(tmp_path / "*.jsonl"), denoisers=S_ONLY)
-  examples = data.examples(name, {"inputs": 64, "targets": 64}, num_examples=10)
+  name = registered("test_jsonl", text_glob=str(tmp_path / "*.jsonl"), denoisers=S_ONLY,
+                    merge_documents=False)
+  examples = data.examples(name, {"inputs": 64, "targets": 64}, num_examples=10, repeat=False)
   assert len(examples) == 2
 
 
@@ -219,21 +225,15 @@ def test_a_corpus_with_no_text_is_a_clear_error(tmp_path):
                      shuffle=False, seed=0)
 
 
-def _examples_dataset(examples):
-  return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature={
-      "inputs": tf.TensorSpec([None], tf.int32), "targets": tf.TensorSpec([None], tf.int32),
-      "denoiser": tf.TensorSpec([], tf.int32)})
-
-
 @pytest.mark.parametrize("length, num_examples", [(128, 4000), (512, 3000)])
 def test_packed_denoiser_ids_are_their_examples(length, num_examples):
   """Every packed segment is the next example, with that example's denoiser id on all of
   its weighted target tokens (seqio packs a feature by its non-zero values)."""
   lengths = {"inputs": length, "targets": length}
-  ds = data.provider("local_ul2").get_dataset(lengths, split="train", shuffle=False, seed=0)
-  examples = [{k: ex[k] for k in ("inputs", "targets", "denoiser")}
-              for ex in ds.take(num_examples).as_numpy_iterator()]
-  rows = list(data.pack(_examples_dataset(examples), lengths).as_numpy_iterator())
+  examples = [{k: ex[k] for k in ("inputs", "targets", "denoiser")} for ex in
+              itertools.islice(data.denoised("local_ul2", lengths, "train", 0, False),
+                               num_examples)]
+  rows = list(data.pack(data.examples_dataset(examples), lengths).as_numpy_iterator())
   assert len(rows) > 1000
   it = iter(examples)
   segments = 0
@@ -249,3 +249,63 @@ def test_packed_denoiser_ids_are_their_examples(length, num_examples):
       assert (ids == ex["denoiser"]).all(), (s, ids, ex["denoiser"])
       segments += 1
   assert segments == num_examples and next(it, None) is None
+
+
+UL2_MEAN_SPANS = {"R1": 3, "R2": 8, "X1": 3, "X2": 8, "X3": 64, "X4": 64}
+UL2_RATES = {"R1": 0.15, "R2": 0.15, "X1": 0.5, "X2": 0.5, "X3": 0.15, "X4": 0.5}
+
+
+@pytest.mark.slow
+def test_stats_of_local_ul2_at_512_are_ul2s(capsys):
+  """`ul2 inspect --stats` on the bundled corpus: full windows, spans of mean mu."""
+  assert main.main(["inspect", "--task=local_ul2", "--num_examples=3000", "--stats",
+                    "--format=jsonl"]) == 0
+  rows = {row["denoiser"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+  assert list(rows) == ["R1", "R2", "X1", "X2", "X3", "X4", "S", "all"]
+  assert rows["all"]["count"] == 3000
+  for name, row in rows.items():
+    assert set(row) == set(data.STATS_FIELDS)
+    assert row["fill"] >= 0.9, name
+    group_share = {"R": 0.2, "X": 0.1, "S": 0.2}.get(name[0])
+    if group_share is not None:
+      assert abs(row["share"] - group_share) < 0.03, name
+  for name, mu in UL2_MEAN_SPANS.items():
+    assert abs(rows[name]["corruption_rate"] / UL2_RATES[name] - 1) < 0.1, name
+    if name == "X1":  # ~137 spans of 3 wanted, 100 sentinels: 100 spans of ~4.1.
+      assert rows[name]["mean_span"] == pytest.approx(4.1, abs=0.1)
+      assert 95 < rows[name]["spans"] <= 100
+    else:
+      assert abs(rows[name]["mean_span"] / mu - 1) < 0.1, name
+  assert rows["S"]["spans"] is None and rows["S"]["mean_span"] is None
+  # Full windows leave little to pack: one example a row.
+  assert rows["all"]["examples_per_row"] < 1.05
+  # S: a uniform split of a 511-token window. (Mode tokens: test_inspect_jsonl.)
+  assert 240 < rows["S"]["inputs_length"] < 265
+
+
+@pytest.mark.slow
+def test_stats_per_document_are_unchanged(registered):
+  """With merge_documents=False each paragraph (~115 tokens) is its own example, as before
+  windows were joined: short examples, short spans for mu = 64."""
+  name = registered("test_per_document_stats", merge_documents=False)
+  rows = {row["denoiser"]: row for row in data.denoiser_stats(
+      name, {"inputs": 512, "targets": 512}, num_examples=3000, seed=3)}
+  fills = {"R1": 0.224, "R2": 0.224, "X1": 0.165, "X2": 0.136, "X3": 0.207, "X4": 0.128,
+           "S": 0.25}
+  for d, fill in fills.items():
+    assert rows[d]["fill"] == pytest.approx(fill, abs=0.02), d
+  assert rows["X3"]["mean_span"] == pytest.approx(18.1, abs=1.5)
+  assert rows["X4"]["mean_span"] == pytest.approx(50.4, abs=3)
+  assert rows["all"]["examples_per_row"] > 4
+
+
+def test_stats_text_table(capsys):
+  assert main.main(["inspect", "--task=local_ul2", "--num_examples=200", "--stats",
+                    "--inputs_length=128", "--targets_length=128"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("local_ul2 (train), inputs length 128, targets length 128")
+  header = lines[2].split()
+  assert header[:3] == ["denoiser", "count", "share"]
+  body = {line.split()[0]: line.split() for line in lines[3:]}
+  assert set(body) == {"R1", "R2", "X1", "X2", "X3", "X4", "S", "all"}
+  assert body["all"][1] == "200" and body["S"][8] == "-"

@@ -36,13 +36,19 @@ def plan(vocab):
   return D.make_plan(D.UL2_DENOISERS, LENGTHS, vocab)
 
 
-def run(features, documents, denoisers=D.UL2_DENOISERS, lengths=None, seed=0):
-  """The preprocessor's examples for `documents` (lists of ids), as numpy dicts."""
+def run(features, documents, denoisers=D.UL2_DENOISERS, lengths=None, seed=0, merge=False,
+        separator=None):
+  """The preprocessor's examples for `documents` (lists of ids), as numpy dicts.
+
+  By default each document on its own (`merge_documents=False`), so that the tests
+  can check one document's examples; `merge=True` is the task's default.
+  """
   ds = tf.data.Dataset.from_generator(
       lambda: iter(documents), output_signature=tf.TensorSpec([None], tf.int32))
   ds = ds.map(lambda t: {"targets": t})
   with seqio.map_seed_manager(seed):
-    ds = D.mixture_of_denoisers(ds, features, lengths or LENGTHS, denoisers=denoisers)
+    ds = D.mixture_of_denoisers(ds, features, lengths or LENGTHS, denoisers=denoisers,
+                                merge_documents=merge, document_separator=separator)
   return [{k: np.asarray(v) for k, v in ex.items()} for ex in ds.as_numpy_iterator()]
 
 
@@ -321,3 +327,74 @@ def test_mode_token_missing_from_the_vocabulary_is_encoded(vocab, features):
     assert len(ex["inputs"]) <= 64
     window, _ = reconstruct(ex, mixture[0], encoded)
     assert len(window) == plan.budgets[0].window
+
+
+def stream_documents(n, seed=0, max_length=300):
+  """Documents of 1..max_length tokens that continue one another: joined, they are one
+  run of consecutive ids (wrapping inside 3..7999)."""
+  lengths = np.random.default_rng(seed).integers(1, max_length + 1, size=n)
+  stream = 3 + np.arange(lengths.sum()) % 7997
+  return np.split(stream.astype(np.int32), np.cumsum(lengths)[:-1]), stream
+
+
+def _consecutive(window):
+  return all((b - a) % 7997 == 1 for a, b in zip(window, window[1:]))
+
+
+@pytest.mark.parametrize("separator", [None, EOS])
+def test_merged_windows_tile_the_stream_with_full_budgets(features, plan, separator):
+  documents, stream = stream_documents(1000, seed=1)
+  examples = run(features, documents, seed=2, merge=True, separator=separator)
+  windows, short = [], 0
+  for ex in examples:
+    i = int(ex["denoiser"])
+    window, _ = reconstruct(ex, plan.denoisers[i], plan.mode_ids[i])
+    assert len(ex["inputs"]) <= 512 and len(ex["targets"]) <= 512
+    assert len(window) <= plan.budgets[i].window
+    short += len(window) < plan.budgets[i].window
+    windows.extend(window)
+  if separator is None:
+    assert windows == stream.tolist()  # Nothing lost, repeated or reordered.
+  else:  # The separator after every document.
+    assert windows == [t for doc in documents for t in doc.tolist() + [separator]]
+  # Full budgets, but for the last window of each batch of 128 documents.
+  assert short <= math.ceil(1000 / 128)
+  assert len(examples) > 8 * short
+
+
+def test_merged_windows_keep_rates_spans_and_shares(features, plan):
+  """On documents of 1..300 tokens, as on the bundled corpus: the rates and mean spans
+  of a full window (per-document examples would get X3 spans of ~20)."""
+  documents, _ = stream_documents(25_000, seed=3)
+  examples = run(features, documents, seed=4, merge=True)
+  counts, noise, tokens, spans = (collections.Counter() for _ in range(4))
+  for ex in examples:
+    i = int(ex["denoiser"])
+    window, span_lengths = reconstruct(ex, plan.denoisers[i], plan.mode_ids[i])
+    assert _consecutive(window)
+    counts[i] += 1
+    tokens[i] += len(window)
+    noise[i] += sum(span_lengths)
+    spans[i] += len(span_lengths)
+  total = sum(counts.values())
+  assert total > 5000
+  for i, d in enumerate(plan.denoisers):
+    assert abs(counts[i] / total - d.weight) < 0.02, (d.name, counts[i] / total)
+    if d.kind == D.PREFIX_LM:
+      continue
+    assert abs(noise[i] / tokens[i] / d.corruption_rate - 1) < 0.05, d.name
+    mean_span = noise[i] / spans[i]
+    if d.name == "X1":
+      assert mean_span == pytest.approx(4.1, abs=0.05)  # 100 sentinels for ~137 spans.
+    else:
+      assert abs(mean_span / d.mean_span_length - 1) < 0.1, (d.name, mean_span)
+
+
+def test_merged_windows_are_deterministic_per_seed(features):
+  documents, _ = stream_documents(300, seed=5)
+  a, b = run(features, documents, seed=5, merge=True), run(features, documents, seed=5, merge=True)
+  c = run(features, documents, seed=6, merge=True)
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+  assert [int(x["denoiser"]) for x in a] != [int(z["denoiser"]) for z in c]

@@ -30,6 +30,7 @@ replays the pipeline up to there. Each of `num_shards` processes reads shard
 from __future__ import annotations
 
 import difflib
+import itertools
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -220,46 +221,126 @@ def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
 EXAMPLE_FIELDS = ("denoiser", "mode_token", "inputs", "targets", "inputs_text", "targets_text")
 
 
-def _about(d: denoisers_lib.Denoiser, inputs: list[int], targets: list[int],
-           mode_length: int, first_sentinel: int) -> str:
-  """One line on what denoiser `d` did to an example."""
-  mode = f"mode {d.mode_token}" if d.mode_token else "no mode token"
-  if d.kind == denoisers_lib.PREFIX_LM:
-    prefix, suffix = len(inputs) - mode_length - 1, len(targets) - 1
-    return (f"{d.name}  prefix LM, {mode}: prefix {prefix} tokens -> inputs, the next "
-            f"{suffix} -> targets")
-  spans = sum(1 for t in inputs if t >= first_sentinel)
-  noise = len(targets) - spans - 1
-  window = len(inputs) - mode_length - spans - 1 + noise
-  return (f"{d.name}  span corruption (mean span {d.mean_span_length:g}, rate "
-          f"{d.corruption_rate:g}), {mode}: {noise} of {window} tokens ({noise / window:.0%}) "
-          f"in {spans} span{'' if spans == 1 else 's'} of {noise / max(spans, 1):.1f} on average")
+def denoised(name: str, task_feature_lengths: Mapping[str, int], split: str, seed: int,
+             shuffle: bool, repeat: bool = True) -> Iterator[dict[str, np.ndarray]]:
+  """The task's examples before packing; with `repeat`, epoch after epoch (epoch e seeded
+  `seed + e`, so each has new denoiser draws), ending if an epoch yields nothing."""
+  p = provider(name)
+  for epoch in itertools.count() if repeat else [0]:
+    ds = p.get_dataset(dict(task_feature_lengths), split=split, shuffle=shuffle,
+                       seed=seed + epoch, num_epochs=1)
+    empty = True
+    for ex in ds.as_numpy_iterator():
+      empty = False
+      yield ex
+    if empty:
+      return
+
+
+class _Reader:
+  """The vocabulary facts that read examples back: mode lengths, first sentinel, plan."""
+
+  def __init__(self, name: str, task_feature_lengths: Mapping[str, int]):
+    self.denoisers = task_denoisers(name)
+    self.vocabulary = _vocabulary(_tasks(provider(name))[0])
+    self.first_sentinel = self.vocabulary.vocab_size - self.vocabulary.extra_ids
+    self.plan = denoisers_lib.make_plan(self.denoisers, task_feature_lengths, self.vocabulary)
+    self.mode_lengths = [len(ids) for ids in self.plan.mode_ids]
+
+  def anatomy(self, ex: Mapping[str, np.ndarray]) -> denoisers_lib.Anatomy:
+    return denoisers_lib.Anatomy.of(ex["inputs"].tolist(), ex["targets"].tolist(),
+                                    mode_length=self.mode_lengths[int(ex["denoiser"])],
+                                    first_sentinel=self.first_sentinel)
 
 
 def examples(name: str, task_feature_lengths: Mapping[str, int], split: str = "train",
-             num_examples: int = 10, seed: int = 0, shuffle: bool = False) -> list[dict]:
+             num_examples: int = 10, seed: int = 0, shuffle: bool = False,
+             repeat: bool = True) -> list[dict]:
   """What the denoisers make of a task, before packing (for `ul2 inspect`).
 
   Returns one dict per example: EXAMPLE_FIELDS (`denoiser` name, `mode_token`,
   `inputs` and `targets` id lists with EOS, `inputs_text`, `targets_text`) and
-  `about`, a line on what the denoiser did.
+  `about`, a line on what the denoiser did. With `repeat`, the data repeats past the
+  end of the split, with new draws.
   """
   check(name, task_feature_lengths, split)
-  denoisers = task_denoisers(name)
-  p = provider(name)
-  vocabulary = _vocabulary(_tasks(p)[0])
-  first_sentinel = vocabulary.vocab_size - vocabulary.extra_ids
-  mode_lengths = [len(denoisers_lib.mode_token_ids(vocabulary, d.mode_token))
-                  for d in denoisers]
-  ds = p.get_dataset(dict(task_feature_lengths), split=split, shuffle=shuffle, seed=seed,
-                     num_epochs=1)
+  reader = _Reader(name, task_feature_lengths)
   out = []
-  for ex in ds.take(num_examples).as_numpy_iterator():
-    i = int(ex["denoiser"])
-    d = denoisers[i]
+  for ex in itertools.islice(
+      denoised(name, task_feature_lengths, split, seed, shuffle, repeat), num_examples):
+    d = reader.denoisers[int(ex["denoiser"])]
     inputs, targets = ex["inputs"].tolist(), ex["targets"].tolist()
     out.append({"denoiser": d.name, "mode_token": d.mode_token, "inputs": inputs,
-                "targets": targets, "inputs_text": vocabulary.decode(inputs),
-                "targets_text": vocabulary.decode(targets),
-                "about": _about(d, inputs, targets, mode_lengths[i], first_sentinel)})
+                "targets": targets, "inputs_text": reader.vocabulary.decode(inputs),
+                "targets_text": reader.vocabulary.decode(targets),
+                "about": denoisers_lib.KINDS[d.kind].describe(d, reader.anatomy(ex))})
+  return out
+
+
+STATS_FIELDS = ("denoiser", "count", "share", "inputs_length", "targets_length", "fill",
+                "corruption_rate", "spans", "mean_span", "examples_per_row",
+                "inputs_padding", "targets_padding")
+
+
+def examples_dataset(exs: Sequence[Mapping[str, np.ndarray]]) -> tf.data.Dataset:
+  """A dataset of examples ({"inputs", "targets", "denoiser"}) held in memory."""
+  return tf.data.Dataset.from_generator(lambda: iter(exs), output_signature={
+      "inputs": tf.TensorSpec([None], tf.int32), "targets": tf.TensorSpec([None], tf.int32),
+      "denoiser": tf.TensorSpec([], tf.int32)})
+
+
+def _packing(exs: Sequence[Mapping[str, np.ndarray]], lengths: Mapping[str, int]
+             ) -> tuple[float, float, float]:
+  """(examples per packed row, padding fraction of inputs, of targets) of `exs` packed."""
+  exs = [{k: ex[k] for k in ("inputs", "targets", "denoiser")} for ex in exs]
+  rows = sum(1 for _ in pack(examples_dataset(exs), lengths).as_numpy_iterator())
+  inputs = sum(len(ex["inputs"]) for ex in exs)
+  targets = sum(len(ex["targets"]) for ex in exs)
+  return (len(exs) / rows, 1 - inputs / (rows * lengths["inputs"]),
+          1 - targets / (rows * lengths["targets"]))
+
+
+def denoiser_stats(name: str, task_feature_lengths: Mapping[str, int], split: str = "train",
+                   num_examples: int = 3000, seed: int = 0, shuffle: bool = False
+                   ) -> list[dict]:
+  """What each denoiser of a task makes, measured on `num_examples` examples.
+
+  One dict per denoiser that occurs, then one for "all", with STATS_FIELDS:
+  `count` and `share` of the examples; mean `inputs_length` and `targets_length`
+  (ids, mode token and EOS included); `fill`, the mean share of the feature lengths
+  an example fills (span corruption: the larger of inputs / inputs length and
+  targets / targets length; prefix LM: inputs and targets together over a full
+  window's); `corruption_rate`, the tokens moved to the targets over the window
+  tokens; `spans`, sentinels per example, and `mean_span`, noise tokens per span
+  (None without sentinels); and, with the examples packed by the feature converter
+  at the task's lengths (each denoiser's alone, and all together as training packs
+  them), `examples_per_row` and the padding fractions of inputs and targets.
+  """
+  check(name, task_feature_lengths, split)
+  reader = _Reader(name, task_feature_lengths)
+  exs = list(itertools.islice(denoised(name, task_feature_lengths, split, seed, shuffle),
+                              num_examples))
+  groups = [(d.name, [ex for ex in exs if int(ex["denoiser"]) == i])
+            for i, d in enumerate(reader.denoisers)]
+  out = []
+  for group, members in [g for g in groups if g[1]] + [("all", exs)]:
+    anatomy = [reader.anatomy(ex) for ex in members]
+    fills = []
+    for ex in members:
+      i = int(ex["denoiser"])
+      kind = denoisers_lib.KINDS[reader.denoisers[i].kind]
+      fills.append(kind.fill(ex["inputs"], ex["targets"], reader.plan.budgets[i],
+                             task_feature_lengths, reader.mode_lengths[i]))
+    spans = sum(a.spans for a in anatomy)
+    per_row, inputs_padding, targets_padding = _packing(members, task_feature_lengths)
+    out.append({
+        "denoiser": group, "count": len(members), "share": len(members) / len(exs),
+        "inputs_length": float(np.mean([len(ex["inputs"]) for ex in members])),
+        "targets_length": float(np.mean([len(ex["targets"]) for ex in members])),
+        "fill": float(np.mean(fills)),
+        "corruption_rate": sum(a.noise for a in anatomy) / sum(a.window for a in anatomy),
+        "spans": spans / len(members) if spans else None,
+        "mean_span": sum(a.noise for a in anatomy if a.spans) / spans if spans else None,
+        "examples_per_row": per_row, "inputs_padding": inputs_padding,
+        "targets_padding": targets_padding})
   return out

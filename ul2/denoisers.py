@@ -1,27 +1,43 @@
 """UL2's Mixture-of-Denoisers: the denoiser specs, their span maths, the seqio preprocessor.
 
-One document (tokens, no EOS) becomes one example per chunk of text; each example
-is made by one denoiser, drawn with the mixture's weights:
+Tokenised documents become examples, each made by one denoiser drawn with the
+mixture's weights from a window of raw tokens:
 
   span corruption (R, X)  inputs  = [mode] kept <extra_id_0> kept <extra_id_1> kept [EOS]
                           targets = <extra_id_0> span_0 <extra_id_1> span_1 [EOS]
   prefix LM (S)           inputs  = [mode] prefix [EOS]
                           targets = suffix [EOS]
 
-The module has three layers, each usable on its own:
+The module has four layers, each usable on its own:
 
 * `Denoiser`, `UL2_DENOISERS`: frozen specs; gin builds them (see
   gin/experiments/custom_mixture.gin).
-* `budget(...)`: pure-Python length maths in the manner of T5's
-  `random_spans_helper`, counting the mode token, EOS and sentinels. It raises a
-  `ValueError` naming the denoiser and the numbers before any graph is built.
-* `random_composition(...)`, `span_layout(...)`, `noise_mask_from_spans(...)`,
-  `chunk_documents(...)`, `random_bits(...)`, `denoise_batch(...)`: the TensorFlow
-  maths, vectorised over a batch (no per-example Python, maps or while loops);
-  `mixture_of_denoisers(...)` is the seqio preprocessor built on them.
+* Kinds (`Kind`, `SpanCorruption`, `PrefixLM`, registered in `KINDS`): what a kind
+  of denoiser does, in one class each: which fields it takes, its window budget
+  (pure Python, in the manner of T5's `random_spans_helper`) and its layout (where
+  the noise spans of a batch of windows go, in TensorFlow). A new kind (say suffix
+  infilling, or a prefix plus spans) is one more subclass in `KINDS`; the shared
+  machinery below turns any layout into inputs and targets.
+* `make_plan(...)`: budgets for every denoiser of a mixture at the feature lengths,
+  checked before any graph is built (a `ValueError` names the denoiser and numbers).
+* The TensorFlow maths, vectorised over a batch (no per-example Python, maps or
+  while loops): `random_composition`, `span_layout`, `noise_mask_from_spans`,
+  `denoise_batch`, the windows (`merged_windows`, `chunk_documents`) and
+  `random_bits`; `mixture_of_denoisers(...)` is the seqio preprocessor built on them.
 
 Policies (each tested in tests/test_denoisers.py):
 
+* Windows, as UL2's `ul2_objective` and T5's `span_corruption` cut them: by default
+  (`merge_documents=True`) a batch of 128 documents is joined into one token stream
+  (T5's `reduce_concat_tokens`; no separator unless `document_separator` is given)
+  and cut in order into windows (T5's `split_tokens`), each window as long as the
+  budget of the denoiser it draws. So every example fills its lengths and spans keep
+  their mean even where documents are short, except the last window of each batch,
+  which takes what is left. With `merge_documents=False` each document is its own
+  stream: a long one is cut into near-equal chunks of at most the largest window,
+  a denoiser whose window is smaller takes a window at a random offset inside the
+  chunk, and a short one makes a shorter example with the same recipe on fewer
+  tokens (packing then fills the rows), so spans get shorter than mu there.
 * Noise masks. A window of m tokens gets M = round(m * r) noise tokens (at least 1
   and, for m >= 2, at most m - 1) in k spans, k = M / mu stochastically rounded (so
   the expected k is exactly M / mu, which keeps the realised mean span length at mu
@@ -44,21 +60,16 @@ Policies (each tested in tests/test_denoisers.py):
 * Mode tokens are single ids when the vocabulary has the piece (`[NLU]`, `[NLG]`,
   `[S2S]` in the bundled one); otherwise their encoding, and the budgets count all of
   its ids. `mode_token=None` puts none.
-* Long documents are cut into near-equal chunks of at most `chunk_length` tokens (the
-  largest window of any denoiser); each chunk is one example, and a denoiser whose
-  window is smaller takes a window at a random offset inside the chunk.
-* Short documents make shorter examples with the same recipe on fewer tokens (packing
-  in the feature converter then fills the rows): the noise count, span
-  count and S split point are computed from the actual length. Spans therefore get
-  shorter than mu when a document has fewer noise tokens than one mean span. A
-  1-token document still makes a valid example: span corruption corrupts the token
-  (inputs [mode, <extra_id_0>, EOS], targets [<extra_id_0>, token, EOS]); S puts it in
-  the targets (inputs [mode, EOS]). Documents with no tokens make no example.
+* Short windows (a short document, or the last window of a batch) use the same
+  recipe on fewer tokens. A 1-token window still makes a valid example: span
+  corruption corrupts the token (inputs [mode, <extra_id_0>, EOS], targets
+  [<extra_id_0>, token, EOS]); S puts it in the targets (inputs [mode, EOS]). No
+  tokens make no example.
 * Randomness. The preprocessor batches documents and takes one seed per batch from
   seqio (`map_over_dataset(num_seeds=1)`, so `seqio.map_seed_manager` / a Task's seed
-  makes it deterministic); each chunk then has its own counter-based stream
-  (SplitMix64 keyed by that seed, the document's place in the batch and the chunk's
-  place in the document). Same seed and same input order: identical examples.
+  makes it deterministic); each window then has its own counter-based stream
+  (SplitMix64 keyed by that seed and the window's place in the batch), which also
+  draws its denoiser. Same seed and same input order: identical examples.
 """
 
 from __future__ import annotations
@@ -67,20 +78,21 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
 
 SPAN_CORRUPTION = "span_corruption"
 PREFIX_LM = "prefix_lm"
-KINDS = (SPAN_CORRUPTION, PREFIX_LM)
 NLU, NLG, S2S = "[NLU]", "[NLG]", "[S2S]"
 _log = logging.getLogger(__name__)
 
-# Documents per vectorised step (and per seqio seed) inside the preprocessor.
+# Documents per vectorised step (and per seqio seed) inside the preprocessor; with
+# merged documents, also the documents joined into one stream (T5's
+# `reduce_concat_tokens` batch).
 _BATCH = 128
-_NUM_UNIFORMS = 4  # denoiser choice, window offset, span-count rounding, S split
+_NUM_UNIFORMS = 4  # denoiser choice, window offset, then two for the kind's layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +101,8 @@ class Denoiser:
 
   Attributes:
     name: short label, e.g. "R1"; reported per denoiser by the trainer.
-    kind: "span_corruption" (R- and X-denoisers) or "prefix_lm" (the S-denoiser).
+    kind: a key of `KINDS`: "span_corruption" (R- and X-denoisers) or "prefix_lm"
+      (the S-denoiser).
     mean_span_length: mu, the mean length of a noise span (span corruption only).
     corruption_rate: r, the fraction of a window's tokens that are noise (span
       corruption only).
@@ -108,51 +121,11 @@ class Denoiser:
     if not self.name:
       raise ValueError("a denoiser needs a non-empty name")
     if self.kind not in KINDS:
-      raise ValueError(f"denoiser {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
-    if self.kind == SPAN_CORRUPTION:
-      if self.mean_span_length is None or not self.mean_span_length >= 1:
-        raise ValueError(f"denoiser {self.name}: mean_span_length must be >= 1, "
-                         f"got {self.mean_span_length}")
-      if self.corruption_rate is None or not 0 < self.corruption_rate < 1:
-        raise ValueError(f"denoiser {self.name}: corruption_rate must be in (0, 1), "
-                         f"got {self.corruption_rate}")
-    elif self.mean_span_length is not None or self.corruption_rate is not None:
-      raise ValueError(f"denoiser {self.name}: a prefix_lm denoiser takes no "
-                       "mean_span_length or corruption_rate")
+      raise ValueError(f"denoiser {self.name}: kind must be one of {tuple(KINDS)}, got "
+                       f"{self.kind!r}")
+    KINDS[self.kind].check(self)
     if not (math.isfinite(self.weight) and self.weight >= 0):
       raise ValueError(f"denoiser {self.name}: weight must be finite and >= 0, got {self.weight}")
-
-
-def _span(name: str, mu: float, r: float, mode: str, weight: float) -> Denoiser:
-  return Denoiser(name, SPAN_CORRUPTION, mu, r, mode, weight)
-
-
-# The UL2 20B mixture (UL2 paper, section 3.1.2): R 40%, X 40%, S 20%, even inside groups.
-UL2_DENOISERS: tuple[Denoiser, ...] = (
-    _span("R1", 3, 0.15, NLU, 0.2),
-    _span("R2", 8, 0.15, NLU, 0.2),
-    _span("X1", 3, 0.5, NLG, 0.1),
-    _span("X2", 8, 0.5, NLG, 0.1),
-    _span("X3", 64, 0.15, NLG, 0.1),
-    _span("X4", 64, 0.5, NLG, 0.1),
-    Denoiser("S", PREFIX_LM, mode_token=S2S, weight=0.2),
-)
-
-
-def validate_mixture(denoisers: Sequence[Denoiser]) -> tuple[Denoiser, ...]:
-  """Returns `denoisers` as a tuple after checking names and weights."""
-  denoisers = tuple(denoisers)
-  if not denoisers:
-    raise ValueError("a mixture needs at least one denoiser")
-  for d in denoisers:
-    if not isinstance(d, Denoiser):
-      raise ValueError(f"expected ul2.denoisers.Denoiser, got {d!r}")
-  names = [d.name for d in denoisers]
-  if len(set(names)) != len(names):
-    raise ValueError(f"denoiser names must be unique, got {names}")
-  if not sum(d.weight for d in denoisers) > 0:
-    raise ValueError(f"the weights of {names} sum to 0")
-  return denoisers
 
 
 # ---------------------------------------------------------------------------------
@@ -196,126 +169,25 @@ class Budget:
   sentinel_capped: bool = False
 
 
-def _span_lengths(window: int, d: Denoiser, num_sentinels: int, mode_length: int):
-  noise = num_noise_tokens(window, d.corruption_rate)
-  nonnoise = window - noise
-  spans = max_num_spans(noise, nonnoise, d.mean_span_length, num_sentinels)
-  return mode_length + nonnoise + spans + 1, noise + spans + 1, noise, spans
-
-
-@functools.lru_cache(maxsize=None)  # Pure; also logs each warning once.
-def budget(denoiser: Denoiser, inputs_length: int, targets_length: int, *,
-           num_sentinels: int, mode_length: int = 1) -> Budget:
-  """The largest window of raw tokens whose example fits the feature lengths.
-
-  Like T5's `random_spans_helper`, but it counts the mode token (`mode_length`
-  ids), EOS on both sides and the worst case of the stochastic span count, and it
-  caps the spans at `num_sentinels`. Every window up to the returned one fits too
-  (the lengths grow monotonically with the window).
-
-  Raises:
-    ValueError: the denoiser cannot fit the lengths: not even a 2-token example, or
-      a window shorter than one mean span, or span corruption with no sentinels.
-  """
-  d, inputs, targets = denoiser, inputs_length, targets_length
-  where = f"denoiser {d.name}: inputs length {inputs}, targets length {targets}"
-  if d.kind == PREFIX_LM:
-    prefix_room, suffix_room = inputs - mode_length - 1, targets - 1
-    if prefix_room < 1 or suffix_room < 1:
-      raise ValueError(f"{where} leave no room for a 1-token prefix and a 1-token target "
-                       f"(needs inputs >= {mode_length + 2} with {mode_length} mode token(s) "
-                       "and EOS, targets >= 2 with EOS)")
-    window = min(prefix_room, suffix_room) + 1  # Every split point 1..window-1 fits.
-    return Budget(d, window, mode_length + window, window)
-
-  if num_sentinels < 1:
-    raise ValueError(f"denoiser {d.name}: span corruption needs sentinel ids, but the "
-                     "vocabulary has no extra ids")
-  window = 0
-  while window < inputs + targets:
-    i, t, _, _ = _span_lengths(window + 1, d, num_sentinels, mode_length)
-    if i > inputs or t > targets:
-      break
-    window += 1
-  if window < 2:
-    raise ValueError(f"{where} cannot fit even a 2-token example (needs inputs >= "
-                     f"{mode_length + 3}: mode, 1 kept token, 1 sentinel, EOS; targets >= 3: "
-                     "sentinel, 1 noise token, EOS)")
-  if window < d.mean_span_length:
-    raise ValueError(f"{where} allow windows of at most {window} tokens, shorter than one "
-                     f"mean span of {d.mean_span_length:g} tokens; raise the lengths or drop "
-                     "the denoiser")
-  i, t, noise, spans = _span_lengths(window, d, num_sentinels, mode_length)
-  capped = math.ceil(noise / d.mean_span_length) > num_sentinels
-  if noise < d.mean_span_length:
-    _log.warning("%s: a full window of %d tokens has %d noise tokens, fewer than one "
-                    "mean span of %g; its spans will be shorter.", where, window, noise,
-                    d.mean_span_length)
-  if capped:
-    _log.info("%s: %d spans capped at %d sentinels (mean span %.1f instead of %g).",
-                 where, math.ceil(noise / d.mean_span_length), num_sentinels,
-                 noise / spans, d.mean_span_length)
-  return Budget(d, window, i, t, noise, spans, capped)
-
-
-# ---------------------------------------------------------------------------------
-# The plan: everything the graph needs, computed in Python before any graph exists.
-
-
 @dataclasses.dataclass(frozen=True)
-class Plan:
-  """The denoisers, their budgets and the vocabulary facts one pipeline needs."""
-  denoisers: tuple[Denoiser, ...]
-  budgets: tuple[Budget, ...]
-  mode_ids: tuple[tuple[int, ...], ...]
-  vocab_size: int
-  num_sentinels: int
-  eos_id: int
+class Anatomy:
+  """What one example holds, read back from its ids (any kind: the layouts share a form).
 
-  @property
-  def chunk_length(self) -> int:
-    """Documents are cut into chunks of at most this many tokens: the largest window."""
-    return max(b.window for b in self.budgets)
+  Attributes:
+    window: raw tokens the example was made from.
+    noise: of them, the tokens moved to the targets.
+    spans: sentinels (0 for prefix LM).
+  """
+  window: int
+  noise: int
+  spans: int
 
-  @property
-  def max_spans(self) -> int:
-    """The most spans (sentinels) any denoiser puts in one example."""
-    return max(b.max_spans for b in self.budgets)
-
-  @property
-  def random_width(self) -> int:
-    """Random int32 values one example consumes: 4 uniforms, then span and gap shares."""
-    return _NUM_UNIFORMS + 2 * self.max_spans + 1
-
-
-def mode_token_ids(vocabulary: seqio.Vocabulary, mode_token: str | None) -> tuple[int, ...]:
-  """The ids of a mode token: its own piece if the vocabulary has one, else its encoding."""
-  if not mode_token:
-    return ()
-  tokenizer = getattr(vocabulary, "tokenizer", None)
-  if tokenizer is not None:
-    piece_id = tokenizer.piece_to_id(mode_token)
-    if piece_id != tokenizer.unk_id() and tokenizer.id_to_piece(piece_id) == mode_token:
-      return (piece_id,)
-  return tuple(vocabulary.encode(mode_token))
-
-
-def make_plan(denoisers: Sequence[Denoiser], sequence_length: Mapping[str, int] | None,
-              vocabulary: seqio.Vocabulary) -> Plan:
-  """Validates the mixture against the feature lengths; raises ValueError early."""
-  denoisers = validate_mixture(denoisers)
-  if not sequence_length or not sequence_length.get("inputs") or not sequence_length.get(
-      "targets"):
-    raise ValueError("UL2 denoisers need feature lengths for 'inputs' and 'targets', got "
-                     f"{sequence_length!r}")
-  num_sentinels = vocabulary.extra_ids
-  mode_ids = tuple(mode_token_ids(vocabulary, d.mode_token) for d in denoisers)
-  budgets = tuple(
-      budget(d, int(sequence_length["inputs"]), int(sequence_length["targets"]),
-             num_sentinels=num_sentinels, mode_length=len(m))
-      for d, m in zip(denoisers, mode_ids))
-  return Plan(denoisers, budgets, mode_ids, vocabulary.vocab_size, num_sentinels,
-              vocabulary.eos_id)
+  @classmethod
+  def of(cls, inputs: Sequence[int], targets: Sequence[int], *, mode_length: int,
+         first_sentinel: int) -> Anatomy:
+    spans = sum(1 for t in inputs if t >= first_sentinel)
+    noise = len(targets) - spans - 1
+    return cls(len(inputs) - mode_length - spans - 1 + noise, noise, spans)
 
 
 # ---------------------------------------------------------------------------------
@@ -427,13 +299,325 @@ def _ragged_rows(values: tf.Tensor, keep: tf.Tensor) -> tf.RaggedTensor:
       validate=False)
 
 
+# ---------------------------------------------------------------------------------
+# Kinds of denoiser: one class each, registered in KINDS.
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """A batch of windows as a kind's `layout` sees them.
+
+  All rows of the batch are there; the machinery keeps the spans of this kind's rows
+  only (the others' are zeroed), so a layout needs no masking of its own.
+
+  Attributes:
+    kind: the kind whose layout is called.
+    length: int32 [b], tokens in each window (m >= 1).
+    uniforms: float64 [b, 2], the kind's own draws in [0, 1).
+    bits: int32 [b, 2k + 1], random bits for `span_layout`, k = max_spans.
+    max_spans: k, the most spans any denoiser of the plan makes.
+    denoiser: int32 [b], each row's denoiser (an index into `denoisers`).
+    denoisers: the mixture.
+  """
+  kind: str
+  length: tf.Tensor
+  uniforms: tf.Tensor
+  bits: tf.Tensor
+  max_spans: int
+  denoiser: tf.Tensor
+  denoisers: tuple[Denoiser, ...]
+
+  def param(self, field: Callable[[Denoiser], float], dtype: tf.DType) -> tf.Tensor:
+    """[b]: `field` of each row's denoiser (0 for rows of other kinds)."""
+    values = [field(d) if d.kind == self.kind else 0 for d in self.denoisers]
+    return tf.gather(tf.constant(values, dtype), self.denoiser)
+
+
+class Kind:
+  """A kind of denoiser: the fields it takes, its window budget, its span layout.
+
+  Every kind has the same example form: the noise spans of its layout leave the
+  inputs for the targets; with `sentinels`, span i is replaced in the inputs by
+  `<extra_id_i>`, which also precedes it in the targets. The mode token starts the
+  inputs and EOS ends both (the machinery in `denoise_batch` does all of that).
+  """
+  sentinels: bool = True
+
+  def check(self, d: Denoiser) -> None:
+    """Raises ValueError, naming the denoiser, if its fields do not suit the kind."""
+    raise NotImplementedError
+
+  def budget(self, d: Denoiser, inputs_length: int, targets_length: int, *,
+             num_sentinels: int, mode_length: int) -> Budget:
+    """The largest window whose example fits the feature lengths; ValueError if none."""
+    raise NotImplementedError
+
+  def layout(self, rows: Rows) -> tuple[tf.Tensor, tf.Tensor]:
+    """(start, length), int32 [b, j]: the noise spans in window positions, in order,
+    non-overlapping, length 0 for none; at most `rows.max_spans` with sentinels."""
+    raise NotImplementedError
+
+  def fill(self, inputs: Sequence[int], targets: Sequence[int], b: Budget,
+           lengths: Mapping[str, int], mode_length: int) -> float:
+    """How much of the feature lengths one example fills (1: a full window)."""
+    del b, mode_length
+    return max(len(inputs) / lengths["inputs"], len(targets) / lengths["targets"])
+
+  def describe(self, d: Denoiser, a: Anatomy) -> str:
+    """One line on what the denoiser did to an example."""
+    raise NotImplementedError
+
+
+def _span_lengths(window: int, d: Denoiser, num_sentinels: int, mode_length: int):
+  noise = num_noise_tokens(window, d.corruption_rate)
+  nonnoise = window - noise
+  spans = max_num_spans(noise, nonnoise, d.mean_span_length, num_sentinels)
+  return mode_length + nonnoise + spans + 1, noise + spans + 1, noise, spans
+
+
+class SpanCorruption(Kind):
+  """R- and X-denoisers: spans of mean length mu covering a fraction r of the window."""
+
+  def check(self, d):
+    if d.mean_span_length is None or not d.mean_span_length >= 1:
+      raise ValueError(f"denoiser {d.name}: mean_span_length must be >= 1, "
+                       f"got {d.mean_span_length}")
+    if d.corruption_rate is None or not 0 < d.corruption_rate < 1:
+      raise ValueError(f"denoiser {d.name}: corruption_rate must be in (0, 1), "
+                       f"got {d.corruption_rate}")
+
+  def budget(self, d, inputs_length, targets_length, *, num_sentinels, mode_length):
+    inputs, targets = inputs_length, targets_length
+    where = f"denoiser {d.name}: inputs length {inputs}, targets length {targets}"
+    if num_sentinels < 1:
+      raise ValueError(f"denoiser {d.name}: span corruption needs sentinel ids, but the "
+                       "vocabulary has no extra ids")
+    window = 0
+    while window < inputs + targets:
+      i, t, _, _ = _span_lengths(window + 1, d, num_sentinels, mode_length)
+      if i > inputs or t > targets:
+        break
+      window += 1
+    if window < 2:
+      raise ValueError(f"{where} cannot fit even a 2-token example (needs inputs >= "
+                       f"{mode_length + 3}: mode, 1 kept token, 1 sentinel, EOS; targets "
+                       ">= 3: sentinel, 1 noise token, EOS)")
+    if window < d.mean_span_length:
+      raise ValueError(f"{where} allow windows of at most {window} tokens, shorter than one "
+                       f"mean span of {d.mean_span_length:g} tokens; raise the lengths or "
+                       "drop the denoiser")
+    i, t, noise, spans = _span_lengths(window, d, num_sentinels, mode_length)
+    capped = math.ceil(noise / d.mean_span_length) > num_sentinels
+    if noise < d.mean_span_length:
+      _log.warning("%s: a full window of %d tokens has %d noise tokens, fewer than one "
+                   "mean span of %g; its spans will be shorter.", where, window, noise,
+                   d.mean_span_length)
+    if capped:
+      _log.info("%s: %d spans capped at %d sentinels (mean span %.1f instead of %g).",
+                where, math.ceil(noise / d.mean_span_length), num_sentinels,
+                noise / spans, d.mean_span_length)
+    return Budget(d, window, i, t, noise, spans, capped)
+
+  def layout(self, rows):
+    # The formulas of `num_noise_tokens` and `max_num_spans`, with k stochastically
+    # rounded so that its expectation is exactly noise / mu.
+    m = rows.length
+    rate = rows.param(lambda d: d.corruption_rate, tf.float64)
+    mean_span = rows.param(lambda d: d.mean_span_length, tf.float64)
+    noise = tf.cast(tf.floor(tf.cast(m, tf.float64) * rate + 0.5), tf.int32)
+    noise = tf.clip_by_value(noise, 1, tf.maximum(m - 1, 1))
+    nonnoise = m - noise
+    spans = tf.cast(tf.floor(tf.cast(noise, tf.float64) / tf.maximum(mean_span, 1.0) +
+                             rows.uniforms[:, 0]), tf.int32)
+    spans = tf.clip_by_value(spans, 1, tf.minimum(tf.minimum(noise, nonnoise + 1),
+                                                  rows.max_spans))
+    return span_layout(noise, nonnoise, spans, rows.bits)
+
+  def describe(self, d, a):
+    mode = f"mode {d.mode_token}" if d.mode_token else "no mode token"
+    return (f"{d.name}  span corruption (mean span {d.mean_span_length:g}, rate "
+            f"{d.corruption_rate:g}), {mode}: {a.noise} of {a.window} tokens "
+            f"({a.noise / max(a.window, 1):.0%}) in {a.spans} span"
+            f"{'' if a.spans == 1 else 's'} of {a.noise / max(a.spans, 1):.1f} on average")
+
+
+class PrefixLM(Kind):
+  """The S-denoiser: the window split at a uniform point, the suffix is the target."""
+  sentinels = False
+
+  def check(self, d):
+    if d.mean_span_length is not None or d.corruption_rate is not None:
+      raise ValueError(f"denoiser {d.name}: a prefix_lm denoiser takes no "
+                       "mean_span_length or corruption_rate")
+
+  def budget(self, d, inputs_length, targets_length, *, num_sentinels, mode_length):
+    del num_sentinels
+    prefix_room, suffix_room = inputs_length - mode_length - 1, targets_length - 1
+    if prefix_room < 1 or suffix_room < 1:
+      raise ValueError(f"denoiser {d.name}: inputs length {inputs_length}, targets length "
+                       f"{targets_length} leave no room for a 1-token prefix and a 1-token "
+                       f"target (needs inputs >= {mode_length + 2} with {mode_length} mode "
+                       "token(s) and EOS, targets >= 2 with EOS)")
+    window = min(prefix_room, suffix_room) + 1  # Every split point 1..window-1 fits.
+    return Budget(d, window, mode_length + window, window)
+
+  def layout(self, rows):
+    m = rows.length  # Split after 1..m-1 tokens; a 1-token window is all target.
+    split = 1 + tf.cast(tf.floor(rows.uniforms[:, 0] * tf.cast(m - 1, tf.float64)), tf.int32)
+    split = tf.where(m >= 2, split, 0)
+    return split[:, tf.newaxis], (m - split)[:, tf.newaxis]
+
+  def fill(self, inputs, targets, b, lengths, mode_length):
+    # Inputs and targets share the window: [mode] prefix EOS + suffix EOS.
+    del lengths
+    return (len(inputs) + len(targets)) / (mode_length + b.window + 2)
+
+  def describe(self, d, a):
+    mode = f"mode {d.mode_token}" if d.mode_token else "no mode token"
+    return (f"{d.name}  prefix LM, {mode}: prefix {a.window - a.noise} tokens -> inputs, "
+            f"the next {a.noise} -> targets")
+
+
+# The kinds of denoiser, by `Denoiser.kind`. A new kind: one more entry.
+KINDS: dict[str, Kind] = {SPAN_CORRUPTION: SpanCorruption(), PREFIX_LM: PrefixLM()}
+
+
+def _span(name: str, mu: float, r: float, mode: str, weight: float) -> Denoiser:
+  return Denoiser(name, SPAN_CORRUPTION, mu, r, mode, weight)
+
+
+# The UL2 20B mixture (UL2 paper, section 3.1.2): R 40%, X 40%, S 20%, even inside groups.
+UL2_DENOISERS: tuple[Denoiser, ...] = (
+    _span("R1", 3, 0.15, NLU, 0.2),
+    _span("R2", 8, 0.15, NLU, 0.2),
+    _span("X1", 3, 0.5, NLG, 0.1),
+    _span("X2", 8, 0.5, NLG, 0.1),
+    _span("X3", 64, 0.15, NLG, 0.1),
+    _span("X4", 64, 0.5, NLG, 0.1),
+    Denoiser("S", PREFIX_LM, mode_token=S2S, weight=0.2),
+)
+
+
+def validate_mixture(denoisers: Sequence[Denoiser]) -> tuple[Denoiser, ...]:
+  """Returns `denoisers` as a tuple after checking names and weights."""
+  denoisers = tuple(denoisers)
+  if not denoisers:
+    raise ValueError("a mixture needs at least one denoiser")
+  for d in denoisers:
+    if not isinstance(d, Denoiser):
+      raise ValueError(f"expected ul2.denoisers.Denoiser, got {d!r}")
+  names = [d.name for d in denoisers]
+  if len(set(names)) != len(names):
+    raise ValueError(f"denoiser names must be unique, got {names}")
+  if not sum(d.weight for d in denoisers) > 0:
+    raise ValueError(f"the weights of {names} sum to 0")
+  return denoisers
+
+
+# ---------------------------------------------------------------------------------
+# The plan: everything the graph needs, computed in Python before any graph exists.
+
+
+@functools.lru_cache(maxsize=None)  # Pure; also logs each warning once.
+def budget(denoiser: Denoiser, inputs_length: int, targets_length: int, *,
+           num_sentinels: int, mode_length: int = 1) -> Budget:
+  """The largest window of raw tokens whose example fits the feature lengths.
+
+  Like T5's `random_spans_helper`, but it counts the mode token (`mode_length`
+  ids), EOS on both sides and the worst case of the stochastic span count, and it
+  caps the spans at `num_sentinels`. Every window up to the returned one fits too
+  (the lengths grow monotonically with the window).
+
+  Raises:
+    ValueError: the denoiser cannot fit the lengths: not even a 2-token example, or
+      a window shorter than one mean span, or span corruption with no sentinels.
+  """
+  return KINDS[denoiser.kind].budget(denoiser, inputs_length, targets_length,
+                                     num_sentinels=num_sentinels, mode_length=mode_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The denoisers, their budgets and the vocabulary facts one pipeline needs."""
+  denoisers: tuple[Denoiser, ...]
+  budgets: tuple[Budget, ...]
+  mode_ids: tuple[tuple[int, ...], ...]
+  vocab_size: int
+  num_sentinels: int
+  eos_id: int
+
+  @property
+  def chunk_length(self) -> int:
+    """The largest window: no example takes more raw tokens."""
+    return max(b.window for b in self.budgets)
+
+  @property
+  def kinds(self) -> tuple[str, ...]:
+    """The kinds the mixture uses, in `KINDS` order."""
+    return tuple(k for k in KINDS if any(d.kind == k for d in self.denoisers))
+
+  @property
+  def max_spans(self) -> int:
+    """The most spans (sentinels) any denoiser puts in one example."""
+    return max(b.max_spans for b in self.budgets)
+
+  @property
+  def random_width(self) -> int:
+    """Random int32 values one example consumes: 4 uniforms, then span and gap shares."""
+    return _NUM_UNIFORMS + 2 * self.max_spans + 1
+
+
+def mode_token_ids(vocabulary: seqio.Vocabulary, mode_token: str | None) -> tuple[int, ...]:
+  """The ids of a mode token: its own piece if the vocabulary has one, else its encoding."""
+  if not mode_token:
+    return ()
+  tokenizer = getattr(vocabulary, "tokenizer", None)
+  if tokenizer is not None:
+    piece_id = tokenizer.piece_to_id(mode_token)
+    if piece_id != tokenizer.unk_id() and tokenizer.id_to_piece(piece_id) == mode_token:
+      return (piece_id,)
+  return tuple(vocabulary.encode(mode_token))
+
+
+def make_plan(denoisers: Sequence[Denoiser], sequence_length: Mapping[str, int] | None,
+              vocabulary: seqio.Vocabulary) -> Plan:
+  """Validates the mixture against the feature lengths; raises ValueError early."""
+  denoisers = validate_mixture(denoisers)
+  if not sequence_length or not sequence_length.get("inputs") or not sequence_length.get(
+      "targets"):
+    raise ValueError("UL2 denoisers need feature lengths for 'inputs' and 'targets', got "
+                     f"{sequence_length!r}")
+  num_sentinels = vocabulary.extra_ids
+  mode_ids = tuple(mode_token_ids(vocabulary, d.mode_token) for d in denoisers)
+  budgets = tuple(
+      budget(d, int(sequence_length["inputs"]), int(sequence_length["targets"]),
+             num_sentinels=num_sentinels, mode_length=len(m))
+      for d, m in zip(denoisers, mode_ids))
+  return Plan(denoisers, budgets, mode_ids, vocabulary.vocab_size, num_sentinels,
+              vocabulary.eos_id)
+
+
+# ---------------------------------------------------------------------------------
+# The shared machinery: windows -> examples, whatever the kinds.
+
+
+def choose_denoiser(uniform: tf.Tensor, plan: Plan) -> tf.Tensor:
+  """int32 [b]: the first denoiser whose cumulative weight reaches the uniform (0, 1]."""
+  weights = [d.weight for d in plan.denoisers]
+  cumulative = [sum(weights[:i + 1]) / sum(weights) for i in range(len(weights))]
+  return tf.searchsorted(tf.constant(cumulative[:-1], tf.float64), uniform, side="left",
+                         out_type=tf.int32)
+
+
 def denoise_batch(tokens: tf.Tensor, length: tf.Tensor, bits: tf.Tensor,
                   plan: Plan) -> dict[str, tf.Tensor | tf.RaggedTensor]:
   """Makes a batch of examples, each with the denoiser its random bits choose.
 
   Args:
-    tokens: int32 [b, c] chunks of documents (c = plan.chunk_length), zero padded.
-    length: int32 [b] tokens per chunk, 1 <= length <= c.
+    tokens: int32 [b, c] windows or chunks of documents (c = plan.chunk_length), zero
+      padded.
+    length: int32 [b] tokens per row, 1 <= length <= c. A row longer than its
+      denoiser's window gives a window at a random offset.
     bits: int32 [b, plan.random_width] random bits, e.g. from `random_bits(...)`.
     plan: from `make_plan`.
 
@@ -449,62 +633,45 @@ def denoise_batch(tokens: tf.Tensor, length: tf.Tensor, bits: tf.Tensor,
   width = p + c + 1
   b = tf.shape(tokens)[0]
   uniforms = _uniform(bits[:, :_NUM_UNIFORMS])  # (0, 1]
+  denoiser = choose_denoiser(uniforms[:, 0], plan)
 
-  # Which denoiser: the first whose cumulative weight reaches the uniform.
-  weights = [d.weight for d in plan.denoisers]
-  cumulative = [sum(weights[:i + 1]) / sum(weights) for i in range(len(weights))]
-  denoiser = tf.searchsorted(tf.constant(cumulative[:-1], tf.float64), uniforms[:, 0],
-                             side="left", out_type=tf.int32)
-
-  def per_denoiser(values, dtype):
-    return tf.gather(tf.constant(values, dtype), denoiser)
-
-  is_span = per_denoiser([d.kind == SPAN_CORRUPTION for d in plan.denoisers], tf.bool)
-  # The window: m tokens of the chunk at a random offset (its first column: `first`).
-  m = tf.minimum(length, per_denoiser([bu.window for bu in plan.budgets], tf.int32))
+  # The window: m tokens of the row at a random offset (its first column: `first`).
+  m = tf.minimum(length, tf.gather(tf.constant([bu.window for bu in plan.budgets]), denoiser))
   offset = tf.cast(tf.floor((uniforms[:, 1] - 2.0**-24) * tf.cast(length - m + 1, tf.float64)),
                    tf.int32)
   first = p + offset
 
-  if k > 0:
-    # Span corruption, with the formulas of `num_noise_tokens` and `max_num_spans`.
-    rate = per_denoiser([d.corruption_rate or 0.0 for d in plan.denoisers], tf.float64)
-    mean_span = per_denoiser([d.mean_span_length or 1.0 for d in plan.denoisers], tf.float64)
-    noise = tf.cast(tf.floor(tf.cast(m, tf.float64) * rate + 0.5), tf.int32)
-    noise = tf.clip_by_value(noise, 1, tf.maximum(m - 1, 1))
-    nonnoise = m - noise
-    rounding = uniforms[:, 2] - 2.0**-24  # [0, 1)
-    spans = tf.cast(tf.floor(tf.cast(noise, tf.float64) / mean_span + rounding), tf.int32)
-    spans = tf.clip_by_value(spans, 1, tf.minimum(tf.minimum(noise, nonnoise + 1), k))
-    spans = tf.where(is_span, spans, 0)
-    start, span_length = span_layout(noise, nonnoise, spans, bits[:, _NUM_UNIFORMS:])
-    start += first[:, tf.newaxis]
-    # Span i: <extra_id_i> in the inputs at its last column, in the targets just before it.
-    sentinel = tf.where(span_length > 0, plan.vocab_size - 1 - tf.range(k)[tf.newaxis, :], 0)
-    inputs_sentinel = _scatter_rows(sentinel, start + span_length - 1, width)
-    targets_sentinel = _scatter_rows(sentinel, start - 1, width)
-  else:
-    start = span_length = tf.zeros([b, 0], tf.int32)
-    inputs_sentinel = targets_sentinel = tf.zeros([b, width], tf.int32)
-  # Prefix LM: the targets are the suffix after 1..m-1 tokens (1 token: all target).
-  split = 1 + tf.cast(tf.floor((uniforms[:, 3] - 2.0**-24) * tf.cast(m - 1, tf.float64)),
-                      tf.int32)
-  split = tf.where(m >= 2, split, 0)
-  suffix_start = first + split
-  suffix_length = tf.where(is_span, 0, m - split)
-  noise_mask = noise_mask_from_spans(
-      tf.concat([start, suffix_start[:, tf.newaxis]], axis=1),
-      tf.concat([span_length, suffix_length[:, tf.newaxis]], axis=1), width)
+  # Each kind lays out the noise spans of its rows; span i of a sentinel kind gets
+  # <extra_id_i>, in the inputs at its last column, in the targets just before it.
+  starts, lengths, sentinels = [], [], []
+  for kind_name in plan.kinds:
+    kind = KINDS[kind_name]
+    rows = Rows(kind_name, m, uniforms[:, 2:] - 2.0**-24, bits[:, _NUM_UNIFORMS:], k,
+                denoiser, plan.denoisers)
+    start, span_length = kind.layout(rows)
+    mine = tf.gather(tf.constant([d.kind == kind_name for d in plan.denoisers]), denoiser)
+    span_length = tf.where(mine[:, tf.newaxis], span_length, 0)
+    starts.append(tf.where(span_length > 0, start + first[:, tf.newaxis], 0))
+    lengths.append(span_length)
+    ids = plan.vocab_size - 1 - tf.range(tf.shape(span_length)[1])[tf.newaxis, :]
+    sentinels.append(tf.where(span_length > 0, ids, 0) if kind.sentinels else
+                     tf.zeros_like(span_length))
+  start, span_length = tf.concat(starts, axis=1), tf.concat(lengths, axis=1)
+  sentinel = tf.concat(sentinels, axis=1)
+  inputs_sentinel = _scatter_rows(sentinel, start + span_length - 1, width)
+  targets_sentinel = _scatter_rows(sentinel, start - 1, width)
+  noise_mask = noise_mask_from_spans(start, span_length, width)
 
   column = tf.range(width)[tf.newaxis, :]
   in_window = (column >= first[:, tf.newaxis]) & (column < (first + m)[:, tf.newaxis])
   is_eos = column == (first + m)[:, tf.newaxis]
   mode = [[0] * (p - len(ids)) + list(ids) for ids in plan.mode_ids]  # Right-aligned.
   is_mode = [[False] * (p - len(ids)) + [True] * len(ids) for ids in plan.mode_ids]
-  values = tf.concat([tf.reshape(per_denoiser(mode, tf.int32), [b, p]), tokens,
-                      tf.zeros([b, 1], tf.int32)], axis=1)  # [b, width]
+  values = tf.concat([tf.reshape(tf.gather(tf.constant(mode, tf.int32), denoiser), [b, p]),
+                      tokens, tf.zeros([b, 1], tf.int32)], axis=1)  # [b, width]
   values = tf.where(is_eos, tf.constant(eos_id, tf.int32), values)
-  is_mode = tf.pad(tf.reshape(per_denoiser(is_mode, tf.bool), [b, p]), [[0, 0], [0, c + 1]])
+  is_mode = tf.pad(tf.reshape(tf.gather(tf.constant(is_mode), denoiser), [b, p]),
+                   [[0, 0], [0, c + 1]])
   has_inputs_sentinel = inputs_sentinel > 0
   has_targets_sentinel = targets_sentinel > 0
   inputs = _ragged_rows(
@@ -517,7 +684,7 @@ def denoise_batch(tokens: tf.Tensor, length: tf.Tensor, bits: tf.Tensor,
 
 
 # ---------------------------------------------------------------------------------
-# The seqio preprocessor.
+# Random bits and windows.
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -548,6 +715,46 @@ def random_bits(seed: tf.Tensor, counter: tf.Tensor, width: int) -> tf.Tensor:
                             tf.uint32), tf.int32)
 
 
+def _seeds(seed, rows: tf.Tensor) -> tf.Tensor:
+  return tf.broadcast_to(tf.cast(tf.stack(seed), tf.int64), [rows, 2])
+
+
+def merged_windows(tokens: tf.RaggedTensor, seed, plan: Plan,
+                   separator: int | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Joins documents into one stream and cuts it into windows of their denoisers' budgets.
+
+  T5's `reduce_concat_tokens` then `split_tokens`, with a window length per window:
+  window j draws its denoiser from its own random stream (keyed by `seed` and j) and
+  takes that denoiser's budget of raw tokens, in order; the last window takes what
+  is left. The windows tile the stream exactly.
+
+  Args:
+    tokens: ragged int [d, None] documents (no EOS).
+    seed: seqio's seed for this batch (two int64).
+    plan: from `make_plan`.
+    separator: a token id put after each document, or None (T5: none).
+  Returns:
+    (windows int32 [q, plan.chunk_length] zero padded, lengths int32 [q] >= 1,
+     bits int32 [q, plan.random_width]: each window's random bits, which choose the
+     same denoiser again in `denoise_batch`).
+  """
+  if separator is not None:
+    tokens = tf.concat([tokens, tf.fill([tokens.nrows(), 1], tf.cast(separator, tokens.dtype))],
+                       axis=1)
+  stream = tf.cast(tokens.flat_values, tf.int32)
+  total = tf.size(stream)
+  # Enough windows for the stream even if every one draws the smallest budget.
+  n = total // min(b.window for b in plan.budgets) + 1
+  bits = random_bits(_seeds(seed, n), tf.range(n), plan.random_width)
+  windows = tf.constant([b.window for b in plan.budgets])
+  window = tf.gather(windows, choose_denoiser(_uniform(bits[:, 0]), plan))
+  start = tf.cumsum(window, exclusive=True)
+  used = start < total
+  length = tf.minimum(window, total - start)[used]
+  chunks = tf.RaggedTensor.from_row_lengths(stream, length, validate=False)
+  return chunks.to_tensor(shape=[None, plan.chunk_length]), length, bits[used]
+
+
 def chunk_documents(tokens: tf.RaggedTensor, chunk_length: int):
   """Cuts each document (row) into near-equal chunks of at most `chunk_length` tokens.
 
@@ -568,34 +775,54 @@ def chunk_documents(tokens: tf.RaggedTensor, chunk_length: int):
           tf.cast(index, tf.int32))
 
 
+def document_windows(tokens: tf.RaggedTensor, seed, plan: Plan
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Each document on its own: (chunks, lengths, bits) as `merged_windows` returns.
+
+  Each chunk's random stream is keyed by `seed`, its document's place in the batch
+  and its place in the document.
+  """
+  chunks, lengths, document, index = chunk_documents(tokens, plan.chunk_length)
+  counter = tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(document, tf.int64), 32),
+                                  tf.cast(index, tf.int64))
+  bits = random_bits(_seeds(seed, tf.size(document)), counter, plan.random_width)
+  return chunks, lengths, bits
+
+
+# ---------------------------------------------------------------------------------
+# The seqio preprocessor.
+
+
 @seqio.map_over_dataset(num_seeds=1)
 @tf.autograph.experimental.do_not_convert  # Plain vectorised TF: tracing it as is is ~5x faster.
-def _denoise_documents(tokens, seed, *, plan: Plan):
+def _denoise_documents(tokens, seed, *, plan: Plan, merge: bool, separator: int | None):
   """A batch of documents -> their examples; `seed` is seqio's seed for this batch."""
   if not isinstance(tokens, tf.RaggedTensor):  # ragged_batch keeps equal-length rows dense.
     tokens = tf.RaggedTensor.from_tensor(tokens)
-  chunks, lengths, document, index = chunk_documents(tokens, plan.chunk_length)
-  # Each chunk's own stream: keyed by the batch seed, its document's place in the batch
-  # and its place in the document.
-  counter = tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(document, tf.int64), 32),
-                                  tf.cast(index, tf.int64))
-  seeds = tf.broadcast_to(tf.cast(tf.stack(seed), tf.int64), [tf.size(document), 2])
-  return denoise_batch(chunks, lengths, random_bits(seeds, counter, plan.random_width), plan)
+  if merge:
+    windows, lengths, bits = merged_windows(tokens, seed, plan, separator)
+  else:
+    windows, lengths, bits = document_windows(tokens, seed, plan)
+  return denoise_batch(windows, lengths, bits, plan)
 
 
 def mixture_of_denoisers(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
                          sequence_length: Mapping[str, int] | None, *,
                          denoisers: Sequence[Denoiser] = UL2_DENOISERS,
-                         feature_key: str = "targets") -> tf.data.Dataset:
+                         feature_key: str = "targets", merge_documents: bool = True,
+                         document_separator: int | None = None) -> tf.data.Dataset:
   """seqio preprocessor: tokenised documents -> UL2 examples.
 
-  Takes `feature_key` (int32 [n], no EOS) from each document and yields, per chunk,
+  Takes `feature_key` (int32 [n], no EOS) from each document and yields, per window,
   {"inputs", "targets"} (int32, mode token and EOS included, within
-  `sequence_length`) and "denoiser" (int32 scalar: the index into `denoisers`). The
-  randomness of a document comes from seqio's per-example seed (`map_over_dataset`,
-  `num_seeds=1`), so a pipeline with a seed is deterministic; the work is vectorised
-  over batches of documents. Use `functools.partial(mixture_of_denoisers,
-  denoisers=...)` as a Task preprocessor.
+  `sequence_length`) and "denoiser" (int32 scalar: the index into `denoisers`).
+  With `merge_documents` (the default, as UL2's and T5's span corruption) the
+  documents of a batch of 128 are joined, `document_separator` (a token id, e.g.
+  EOS; default none) between them, and cut into full windows; without it, each
+  document makes its own examples. The randomness comes from seqio's per-example
+  seed (`map_over_dataset`, `num_seeds=1`), so a pipeline with a seed is
+  deterministic; the work is vectorised over batches of documents. Use
+  `functools.partial(mixture_of_denoisers, denoisers=...)` as a Task preprocessor.
 
   Raises:
     ValueError: before building any graph, if a denoiser cannot fit the lengths.
@@ -607,7 +834,8 @@ def mixture_of_denoisers(dataset: tf.data.Dataset, output_features: Mapping[str,
   # RaggedTensorSpec of ragged_rank 0). A per-example identity map would make the spec
   # plain but costs as much as all of the above; seqio's Task trims every example with
   # a map anyway, after which the spec is plain.
-  return _denoise_documents(ds, plan=plan).unbatch()
+  return _denoise_documents(ds, plan=plan, merge=merge_documents,
+                            separator=document_separator).unbatch()
 
 
 def denoisers_of(preprocessors: Sequence[object]) -> tuple[Denoiser, ...] | None:
@@ -616,3 +844,10 @@ def denoisers_of(preprocessors: Sequence[object]) -> tuple[Denoiser, ...] | None
     if isinstance(p, functools.partial) and p.func is mixture_of_denoisers:
       return validate_mixture(p.keywords.get("denoisers", UL2_DENOISERS))
   return None
+
+
+def describe(d: Denoiser, inputs: Sequence[int], targets: Sequence[int], *, mode_length: int,
+             first_sentinel: int) -> str:
+  """One line on what denoiser `d` did to an example (for `ul2 inspect`)."""
+  anatomy = Anatomy.of(inputs, targets, mode_length=mode_length, first_sentinel=first_sentinel)
+  return KINDS[d.kind].describe(d, anatomy)

@@ -2,7 +2,7 @@
 
     ul2 train   --gin_file=gin/runs/local_tiny.gin --model_dir=DIR [--gin.NAME=VALUE ...]
     ul2 eval    --gin_file=... --model_dir=DIR [--step=N]
-    ul2 inspect --task=NAME [--split=train] --num_examples=N --format=jsonl|text
+    ul2 inspect --task=NAME [--split=train] --num_examples=N --format=jsonl|text [--stats]
     ul2 export  --model_dir=DIR [--step=N] --output_dir=OUT
     ul2 plan    --gin_file=... --num_devices=N --mesh=...
 
@@ -222,8 +222,11 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--split", default="train")
   parser.add_argument("--num_examples", type=int, default=20)
   parser.add_argument("--format", choices=("text", "jsonl"), default="text")
-  # Seed 1: the first 20 local_ul2 train examples show all seven denoisers.
-  parser.add_argument("--seed", type=int, default=1,
+  parser.add_argument("--stats", action="store_true",
+                      help="instead of the examples, one row per denoiser: share, lengths, "
+                      "window fill, corruption rate, spans, and how the examples pack")
+  # Seed 3: the first 20 local_ul2 train examples show all seven denoisers.
+  parser.add_argument("--seed", type=int, default=3,
                       help="seeds the denoisers (the examples are not shuffled)")
   parser.add_argument("--inputs_length", type=int,
                       help="default: TASK_FEATURE_LENGTHS from the gin files, else 512")
@@ -258,6 +261,17 @@ def _inspect(args: argparse.Namespace) -> int:
              "targets": args.targets_length or lengths.get("targets", 512)}
   if args.num_examples < 1:
     raise UserError(f"--num_examples must be positive, got {args.num_examples}")
+  if args.stats:
+    rows = _checked(data.denoiser_stats, task, lengths, split=args.split,
+                    num_examples=args.num_examples, seed=args.seed)
+    if args.format == "jsonl":
+      for row in rows:
+        print(json.dumps(row))
+    else:
+      print(f"{task} ({args.split}), inputs length {lengths['inputs']}, targets length "
+            f"{lengths['targets']}, seed {args.seed}: {rows[-1]['count']} examples\n")
+      print(_stats_table(rows))
+    return 0
   examples = _checked(data.examples, task, lengths, split=args.split,
                       num_examples=args.num_examples, seed=args.seed)
   if args.format == "jsonl":
@@ -277,6 +291,24 @@ def _inspect(args: argparse.Namespace) -> int:
   names = [d.name for d in data.task_denoisers(task)]
   print("denoisers: " + ", ".join(f"{n} {counts.get(n, 0)}" for n in names))
   return 0
+
+
+def _stats_table(rows: Sequence[dict]) -> str:
+  """`ul2 inspect --stats` rows as an aligned text table ("-": not applicable)."""
+  columns = [("denoiser", "denoiser", "{}"), ("count", "count", "{}"), ("share", "share", "{:.1%}"),
+             ("inputs", "inputs_length", "{:.1f}"), ("targets", "targets_length", "{:.1f}"),
+             ("fill", "fill", "{:.3f}"), ("rate", "corruption_rate", "{:.3f}"),
+             ("spans", "spans", "{:.1f}"), ("mean span", "mean_span", "{:.2f}"),
+             ("ex/row", "examples_per_row", "{:.2f}"),
+             ("inputs pad", "inputs_padding", "{:.1%}"),
+             ("targets pad", "targets_padding", "{:.1%}")]
+  table = [[header for header, _, _ in columns]]
+  for row in rows:
+    table.append(["-" if row[key] is None else fmt.format(row[key]) for _, key, fmt in columns])
+  widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+  return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w)
+                              for i, (cell, w) in enumerate(zip(line, widths)))
+                    for line in table)
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
