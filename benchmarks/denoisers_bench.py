@@ -4,15 +4,16 @@
     .venv/bin/python benchmarks/denoisers_bench.py --baseline=none
 
 Both sides get the same tokens: the bundled corpus tokenised with the bundled
-vocabulary, cut into documents of `--doc_tokens` tokens (default: ul2's chunk length
-at 512/512, so every ul2 example gets a full window; T5 concatenates and splits them
-itself). Both read them from the same `from_tensor_slices(...).repeat()` source, with
-seqio's map seed set, and are drained the same way (`skip` inside tf.data), so neither
-pays Python, or a sink, per example.
+vocabulary, one document per paragraph (line) as in the corpus, or with
+`--doc_tokens=N` cut into documents of N tokens. Both join the documents into one
+stream and cut it into windows (T5's `reduce_concat_tokens` and `split_tokens`;
+ul2's `merge_documents`), so they do the same work per example. Both read them from
+the same in-memory `repeat()` source, with seqio's map seed set, and are drained the
+same way (`skip` inside tf.data), so neither pays Python, or a sink, per example.
 
 * ul2: `ul2.denoisers.mixture_of_denoisers` with the UL2 mixture (R1, R2, X1-X4, S) at
-  inputs 512 / targets 512: chunking, the denoiser draw, spans, sentinels, mode token
-  and EOS.
+  inputs 512 / targets 512: joining, windows of each drawn denoiser's budget, spans,
+  sentinels, mode token and EOS.
 * T5: `t5.data.preprocessors.span_corruption` (select_random_chunk,
   reduce_concat_tokens, split_tokens, noise mask, sentinels) at inputs 512 / targets
   114, T5's own setting for 512-token inputs. It runs in a separate venv because
@@ -79,8 +80,14 @@ def _measure(ds, num_examples: int, warmup: int) -> dict:
 
 
 def _documents(path: str):
+  """The documents written by `write_tokens`, as a repeated dataset of int32 [n]."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  return np.load(path)["documents"]
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  saved = np.load(path)
+  documents = tf.RaggedTensor.from_row_splits(saved["stream"], saved["splits"])
+  # Plain int32 [n] elements, as a Task's tokenizer yields them, made once and cached.
+  ds = tf.data.Dataset.from_tensor_slices({"targets": documents})
+  return ds.map(lambda features: {"targets": tf.identity(features["targets"])}).cache().repeat()
 
 
 def run_t5(tokens_path: str, num_examples: int, warmup: int, seed: int) -> dict:
@@ -92,9 +99,8 @@ def run_t5(tokens_path: str, num_examples: int, warmup: int, seed: int) -> dict:
   vocab = seqio.SentencePieceVocabulary(str(VOCAB), extra_ids=100)
   features = {"inputs": seqio.Feature(vocab), "targets": seqio.Feature(vocab)}
   with seqio.map_seed_manager(seed):
-    ds = tf.data.Dataset.from_tensor_slices({"targets": _documents(tokens_path)}).repeat()
     ds = preprocessors.span_corruption(
-        ds, sequence_length={"inputs": 512, "targets": 114}, output_features=features)
+        _documents(tokens_path), sequence_length={"inputs": 512, "targets": 114}, output_features=features)
   return {"impl": "t5.data.preprocessors.span_corruption", "lengths": "512/114",
           **_measure(ds, num_examples, warmup)}
 
@@ -109,30 +115,30 @@ def run_ul2(tokens_path: str, num_examples: int, warmup: int, seed: int) -> dict
   features = {"inputs": seqio.Feature(vocab, add_eos=False),
               "targets": seqio.Feature(vocab, add_eos=False)}
   with seqio.map_seed_manager(seed):
-    ds = tf.data.Dataset.from_tensor_slices({"targets": _documents(tokens_path)}).repeat()
-    ds = denoisers.mixture_of_denoisers(ds, features, {"inputs": 512, "targets": 512})
+    ds = denoisers.mixture_of_denoisers(_documents(tokens_path), features,
+                                        {"inputs": 512, "targets": 512})
   return {"impl": "ul2.denoisers.mixture_of_denoisers", "lengths": "512/512",
           "denoisers": [d.name for d in denoisers.UL2_DENOISERS],
           **_measure(ds, num_examples, warmup)}
 
 
 def write_tokens(path: str, doc_tokens: int | None) -> dict:
-  """Tokenises the bundled corpus into equal documents; returns facts about them."""
+  """Tokenises the bundled corpus into documents (its paragraphs, or `doc_tokens` each);
+  returns facts about them."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import seqio  # pylint: disable=import-outside-toplevel
-  from ul2 import denoisers  # pylint: disable=import-outside-toplevel
 
   vocab = seqio.SentencePieceVocabulary(str(VOCAB), extra_ids=100)
-  if doc_tokens is None:
-    plan = denoisers.make_plan(denoisers.UL2_DENOISERS, {"inputs": 512, "targets": 512}, vocab)
-    doc_tokens = plan.chunk_length
   lines = CORPUS.read_text(encoding="utf-8").splitlines()
-  stream = np.concatenate([np.asarray(ids, np.int32)
-                           for ids in vocab.tokenizer.encode(lines) if ids])
-  usable = len(stream) // doc_tokens * doc_tokens
-  documents = stream[:usable].reshape(-1, doc_tokens)
-  np.savez(path, documents=documents)
-  return {"documents": int(documents.shape[0]), "doc_tokens": int(doc_tokens),
+  paragraphs = [np.asarray(ids, np.int32) for ids in vocab.tokenizer.encode(lines) if ids]
+  stream = np.concatenate(paragraphs)
+  if doc_tokens is None:
+    lengths = np.array([len(p) for p in paragraphs])
+  else:
+    lengths = np.full(len(stream) // doc_tokens, doc_tokens)
+  splits = np.concatenate([[0], np.cumsum(lengths)])
+  np.savez(path, stream=stream, splits=splits)
+  return {"documents": int(len(lengths)), "median_doc_tokens": float(np.median(lengths)),
           "corpus_tokens": int(len(stream))}
 
 
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
   parser.add_argument("--warmup", type=int, default=2000)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--doc_tokens", type=int, default=None,
-                      help="tokens per document (default: ul2's chunk length at 512/512)")
+                      help="tokens per document (default: the corpus's paragraphs)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--baseline", choices=["t5", "none"], default="t5")
   parser.add_argument("--t5_python", default=str(T5_PYTHON),

@@ -309,3 +309,16 @@ def test_stats_text_table(capsys):
   body = {line.split()[0]: line.split() for line in lines[3:]}
   assert set(body) == {"R1", "R2", "X1", "X2", "X3", "X4", "S", "all"}
   assert body["all"][1] == "200" and body["S"][8] == "-"
+
+
+def test_unigram_baseline_is_the_smoothed_target_frequencies():
+  lengths = {"inputs": 128, "targets": 128}
+  log_probs = data.unigram_log_probs("local_ul2", lengths, num_examples=300, seed=1)
+  assert log_probs.shape == (8100,)
+  assert np.exp(log_probs).sum() == pytest.approx(1.0)
+  counts = np.full(8100, 0.5)
+  for ex in data.examples("local_ul2", lengths, num_examples=300, seed=1):
+    for t in ex["targets"]:
+      counts[t] += 1
+  np.testing.assert_allclose(log_probs, np.log(counts / counts.sum()))
+  assert log_probs[1] > np.log(0.01)  # EOS ends every target.

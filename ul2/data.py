@@ -277,6 +277,24 @@ def examples(name: str, task_feature_lengths: Mapping[str, int], split: str = "t
   return out
 
 
+def unigram_log_probs(name: str, task_feature_lengths: Mapping[str, int], split: str = "train",
+                      num_examples: int = 4096, seed: int = 0) -> np.ndarray:
+  """float64 [vocab_size]: log p of each id under a unigram model of the task's targets.
+
+  The frequencies of the target ids (sentinels and EOS included) of the first
+  `num_examples` examples of `split`, add-half smoothed: what a model that learnt
+  only how often each token occurs would predict. Its cross-entropy on the eval
+  targets is the baseline a trained model has to beat.
+  """
+  check(name, task_feature_lengths, split)
+  vocab_size = _vocabulary(_tasks(provider(name))[0]).vocab_size
+  counts = np.full(vocab_size, 0.5)
+  for ex in itertools.islice(denoised(name, task_feature_lengths, split, seed, shuffle=False),
+                             num_examples):
+    counts += np.bincount(ex["targets"], minlength=vocab_size)[:vocab_size]
+  return np.log(counts / counts.sum())
+
+
 STATS_FIELDS = ("denoiser", "count", "share", "inputs_length", "targets_length", "fill",
                 "corruption_rate", "spans", "mean_span", "examples_per_row",
                 "inputs_padding", "targets_padding")

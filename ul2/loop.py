@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ul2 import checkpoint as checkpoint_lib
@@ -228,15 +229,47 @@ class _Data:
             for parts in zip(*iterators))
 
 
-def evaluate(setup: Setup, params: Any, config: TrainConfig,
-             denoiser_names: list[str]) -> dict[str, float]:
-  """Mean eval metrics over `eval_steps` batches of the eval split (from its start)."""
+def unigram_log_probs(config: TrainConfig) -> np.ndarray:
+  """log p of each token id under a unigram model of the training targets (see
+  `ul2.data.unigram_log_probs`): the baseline of `evaluate`."""
+  from ul2 import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  return data.unigram_log_probs(config.mixture_or_task_name, dict(config.task_feature_lengths),
+                                seed=config.random_seed)
+
+
+def evaluate(setup: Setup, params: Any, config: TrainConfig, denoiser_names: list[str],
+             unigram: np.ndarray | None = None) -> dict[str, float]:
+  """Mean eval metrics over `eval_steps` batches of the eval split (from its start).
+
+  With `unigram` (from `unigram_log_probs`), also `eval/unigram_cross_entropy`: the
+  cross-entropy of a unigram model on the same target tokens.
+  """
   batches = _Data(config, config.eval_split, shuffle=False).batches()
   total = None
+  baseline = np.zeros(2)  # -sum(log p), target tokens: over this process's rows.
   for _ in range(config.eval_steps):
-    sums = setup.eval_step(params, global_batch(next(batches), setup.batch_sharding))
+    local = next(batches)
+    if unigram is not None:
+      weights = local["decoder_loss_weights"]
+      baseline += (-(unigram[local["decoder_target_tokens"]] * weights).sum(), weights.sum())
+    sums = setup.eval_step(params, global_batch(local, setup.batch_sharding))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  return metrics_lib.summarize(jax.device_get(total), denoiser_names, prefix="eval/")
+  out = metrics_lib.summarize(jax.device_get(total), denoiser_names, prefix="eval/")
+  if unigram is not None:
+    if jax.process_count() > 1:
+      baseline = multihost_utils.process_allgather(baseline).sum(axis=0)
+    out["eval/unigram_cross_entropy"] = float(baseline[0] / max(baseline[1], 1.0))
+  return out
+
+
+def eval_line(step: int, metrics: Mapping[str, float]) -> str:
+  """The console line of an eval: loss, and the unigram baseline when there is one."""
+  line = f"eval step {step}: loss {metrics['eval/loss']:.3f}"
+  if "eval/unigram_cross_entropy" in metrics:
+    unigram, cross_entropy = metrics["eval/unigram_cross_entropy"], metrics["eval/cross_entropy"]
+    line += (f" | cross-entropy {cross_entropy:.3f}, a unigram model of the targets "
+             f"{unigram:.3f} ({unigram - cross_entropy:.3f} nats better)")
+  return line
 
 
 def _meta(config: TrainConfig, step: int, data_shards: int | None = None
@@ -304,6 +337,7 @@ def train(config: TrainConfig, denoiser_names: list[str],
       batches = data.batches(skip=int(meta["batches_consumed"]))
       dropout_key = jax.random.key(config.random_seed + 1)
       sums, steps_in_period = None, 0
+      unigram = None  # The eval's baseline, made at the first eval.
       stopwatch = metrics_lib.Stopwatch()
       while step < config.train_steps:
         batch = global_batch(next(batches), setup.batch_sharding)
@@ -333,10 +367,12 @@ def train(config: TrainConfig, denoiser_names: list[str],
                     _meta(config, step, data.num_shards))
         if config.eval_period and (step % config.eval_period == 0
                                    or step == config.train_steps):
-          eval_metrics = evaluate(setup, state.params, config, denoiser_names)
+          if unigram is None:
+            unigram = unigram_log_probs(config)
+          eval_metrics = evaluate(setup, state.params, config, denoiser_names, unigram)
           writer.write(step, eval_metrics, kind="eval")
           if is_chief:
-            metrics_lib.log(f"eval step {step}: loss {eval_metrics['eval/loss']:.3f}")
+            metrics_lib.log(eval_line(step, eval_metrics))
           last.update(eval_metrics)
           stopwatch.lap()  # Eval time is not training time.
   except KeyboardInterrupt:

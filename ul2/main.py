@@ -198,7 +198,7 @@ def _eval(args: argparse.Namespace) -> int:
     if ckpt.latest_step() is None:
       raise UserError(f"no checkpoint in {ckpt.directory}")
     state, _ = _checked(loop.restore_or_init, setup, ckpt, config, args.step)
-    result = loop.evaluate(setup, state.params, config, names)
+    result = loop.evaluate(setup, state.params, config, names, loop.unigram_log_probs(config))
   ckpt.close()
   step = int(state.step)
   writer = metrics.MetricsWriter(config.model_dir, enabled=jax.process_index() == 0)
