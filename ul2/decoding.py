@@ -107,11 +107,11 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array
   return jnp.where(jnp.logical_and(drop, top_p < 1.0), -jnp.inf, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "top_k", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "top_k"))
 def sample(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array, *,
            max_decode_length: int, temperature: float | jax.Array = 0.0, top_k: int = 0,
            top_p: float | jax.Array = 1.0, rng: jax.Array | None = None,
-           eos_id: int = EOS_ID) -> tuple[jax.Array, jax.Array]:
+           eos_id: int | jax.Array = EOS_ID) -> tuple[jax.Array, jax.Array]:
   """Greedy (temperature 0) or sampled decoding.
 
   encoder_input_tokens: int32 [b, inputs_length], 0-padded. rng: one key, or one
@@ -159,7 +159,7 @@ def sample(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array, *,
 
 def generate(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array, *,
              max_decode_length: int, temperature: float | jax.Array = 0.0,
-             rng: jax.Array | None = None, eos_id: int = EOS_ID) -> jax.Array:
+             rng: jax.Array | None = None, eos_id: int | jax.Array = EOS_ID) -> jax.Array:
   """The tokens of `sample` (greedy at temperature 0): int32 [b, max_decode_length]."""
   return sample(params, config, encoder_input_tokens, max_decode_length=max_decode_length,
                 temperature=temperature, rng=rng, eos_id=eos_id)[0]
@@ -209,11 +209,10 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, index, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_decode_length",
-                                             "eos_id"))
+@functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_decode_length"))
 def beam_search(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array, *,
                 num_beams: int, max_decode_length: int, alpha: float | jax.Array = 0.6,
-                eos_id: int = EOS_ID) -> tuple[jax.Array, jax.Array, jax.Array]:
+                eos_id: int | jax.Array = EOS_ID) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Beam search with T5X's length penalty (see the module docstring).
 
   encoder_input_tokens: int32 [b, inputs_length], 0-padded. alpha >= 0.

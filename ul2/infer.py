@@ -254,7 +254,8 @@ def task_examples(name: str, split: str, model: Model, options: Options,
   import seqio  # pylint: disable=import-outside-toplevel  (TensorFlow)
   from ul2 import data  # pylint: disable=import-outside-toplevel
   provider = data.provider(name)
-  lengths = {"inputs": model.max_inputs_length, "targets": options.max_decode_length}
+  # The lengths the model was trained with (the denoisers size their windows by them).
+  lengths = {"inputs": model.max_inputs_length, "targets": model.max_targets_length}
   try:
     ds = provider.get_dataset(lengths, split=split, shuffle=False, seed=options.seed,
                               num_epochs=1, trim_output_features=False)

@@ -164,6 +164,7 @@ def _write_model_settings(model_dir: pathlib.Path, config) -> None:
   """DIR/model_config.json: the model, vocabulary and lengths as data, for readers
   that must not execute config.gin (`ul2 infer`; see ul2.model_settings)."""
   import seqio  # pylint: disable=import-outside-toplevel
+  import tasks  # pylint: disable=import-outside-toplevel,unused-import  (registers tasks)
   from ul2 import model_settings  # pylint: disable=import-outside-toplevel
   task = seqio.get_mixture_or_task(config.mixture_or_task_name)
   vocab = (task.tasks if isinstance(task, seqio.Mixture) else [task])[0].output_features[
