@@ -93,18 +93,27 @@ def _encode(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array
 def _filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
   """Hugging Face's order: top-k, then top-p (nucleus) on what is left. [b, v]."""
   if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    kth = top_k_values(logits, top_k)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  # Keep the smallest set of most likely tokens whose probability reaches top_p
-  # (the token that crosses it included, at least one token).
-  order = jnp.argsort(-logits, axis=-1)
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs
-  drop_sorted = before >= top_p
-  drop = jnp.zeros_like(drop_sorted).at[
-      jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-  return jnp.where(jnp.logical_and(drop, top_p < 1.0), -jnp.inf, logits)
+
+  def nucleus(logits):
+    # Keep the smallest set of most likely tokens whose probability reaches top_p
+    # (the token that crosses it included, at least one token).
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    drop_sorted = jnp.cumsum(probs, axis=-1) - probs >= top_p
+    drop = jnp.zeros_like(drop_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    return jnp.where(drop, -jnp.inf, logits)
+
+  # The sort runs only when top_p filters.
+  return jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, logits)
+
+
+def top_k_values(logits: jax.Array, k: int) -> jax.Array:
+  """The k-th largest value of each row, [b, 1] (see `argmax_top_k`)."""
+  return argmax_top_k(logits, k)[0][:, -1:]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "top_k"))
@@ -167,6 +176,24 @@ def generate(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array, 
 
 # ----------------------------------------------------------------------------
 # Beam search.
+
+
+def argmax_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k` over the last axis of [b, n], as k passes of argmax.
+
+  Inside the decoding loop XLA:CPU lowers `lax.top_k` over a wide row (beams x
+  vocabulary) to a full sort of the row, which cost more than the model's step;
+  k argmax passes read the row k times instead. Ties go to the lower index, as in
+  `lax.top_k`."""
+  rows = jnp.arange(x.shape[0])
+
+  def take_best(x, _):
+    index = jnp.argmax(x, axis=-1)
+    value = x[rows, index]
+    return x.at[rows, index].set(-jnp.inf), (value, index.astype(jnp.int32))
+
+  _, (values, indices) = jax.lax.scan(take_best, x, None, length=k)
+  return values.T, indices.T
 
 
 def brevity_penalty(alpha: float | jax.Array, length: int | jax.Array) -> jax.Array:
@@ -243,7 +270,7 @@ def beam_search(params: Any, config: ModelConfig, encoder_input_tokens: jax.Arra
     vocab = logits.shape[-1]
     # b: batch, n: beams, v: vocab. Candidates [b, n * v] -> the best 2n.
     candidates = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, vocab) + live_lp[..., None]
-    top_lp, top_index = jax.lax.top_k(candidates.reshape(b, k * vocab), 2 * k)
+    top_lp, top_index = argmax_top_k(candidates.reshape(b, k * vocab), 2 * k)
     parent, token = top_index // vocab, top_index % vocab
     seqs = _gather(live_seqs, parent)
     seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, i, 2)
