@@ -182,9 +182,8 @@ def argmax_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """`jax.lax.top_k` over the last axis of [b, n], as k passes of argmax.
 
   Inside the decoding loop XLA:CPU lowers `lax.top_k` over a wide row (beams x
-  vocabulary) to a full sort of the row, which cost more than the model's step;
-  k argmax passes read the row k times instead. Ties go to the lower index, as in
-  `lax.top_k`."""
+  vocabulary) to a full sort of the row; k argmax passes read the row k times
+  instead. Ties go to the lower index, as in `lax.top_k`."""
   rows = jnp.arange(x.shape[0])
 
   def take_best(x, _):

@@ -292,7 +292,7 @@ def bucket(length: int, limit: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _step_fn(config: model_lib.ModelConfig, options: Options) -> Callable:
+def decode_fn(config: model_lib.ModelConfig, options: Options) -> Callable:
   """Jitted (params, inputs, targets, keys) -> (tokens [b, t], logprobs [b], scores [b])."""
   if options.score:
     def fn(params, inputs, targets, keys):
@@ -345,7 +345,7 @@ def run(model: Model, examples: Sequence[Example], options: Options,
   dp = sharding.data_parallel_size(mesh)
   rows = -(-options.batch_size // dp) * dp
   batch_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
-  fn = _step_fn(model.config, options)
+  fn = decode_fn(model.config, options)
   base_key = jax.random.key(options.seed)
   order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
   results: list[dict | None] = [None] * len(examples)
