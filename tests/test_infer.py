@@ -351,15 +351,15 @@ def test_train_writes_model_settings_that_infer_reads(tmp_path, capsys):
   run = str(assets.ASSETS_DIR.parents[1] / "gin" / "runs" / "local_tiny.gin")
   assert main.main(["train", f"--gin_file={run}", f"--model_dir={tmp_path}",
                     "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8", "--gin.CHECKPOINT_PERIOD=2",
-                    "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}"]) == 0
+                    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}"]) == 0
   settings = model_settings.read(tmp_path)
-  assert settings.task_feature_lengths == {"inputs": 32, "targets": 16}
+  assert settings.task_feature_lengths == {"inputs": 64, "targets": 64}
   assert settings.mixture_or_task_name == "local_ul2" and settings.extra_ids == 100
   (tmp_path / "in.txt").write_text("hello world\n")
   assert _infer("--model_dir", tmp_path, "--input_file", tmp_path / "in.txt",
                 "--output_file", tmp_path / "out.jsonl", "--decode=beam") == 0
   (line,) = _lines(tmp_path / "out.jsonl")
-  assert 1 <= len(line["prediction_ids"]) <= 16
+  assert 1 <= len(line["prediction_ids"]) <= 64
 
 
 def test_dataclass_fields_round_trip(tmp_path):
