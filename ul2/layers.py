@@ -265,6 +265,13 @@ class MultiHeadAttention(nn.Module):
     k = constrain(k, heads_axes)
     v = constrain(v, heads_axes)
 
+    # Beam search (ul2.decoding): the n beams of a row share its encoder projections,
+    # cached once per row; their queries [b * n, q] attend as [b, n * q] (no bias;
+    # the mask [b, 1, 1, k] broadcasts over queries).
+    group = q.shape[0] // k.shape[0] if self.is_cross_attention and decode else 1
+    if group > 1:
+      q = q.reshape(k.shape[0], group * q.shape[1], h, d)
+
     dropout = None
     if self.dropout_rate > 0.0 and not self.deterministic:
       dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
@@ -273,6 +280,8 @@ class MultiHeadAttention(nn.Module):
       out = attention_lib.scanned_attention(q, k, v, bias, mask)
     else:
       out = attention_lib.dot_product_attention(q, k, v, bias, mask, self.dtype, dropout)
+    if group > 1:
+      out = out.reshape(-1, out.shape[1] // group, h, d)
     out = constrain(out, heads_axes)
     return jnp.einsum("bqhd,hde->bqe", out, wo)
 

@@ -5,6 +5,8 @@
     ul2 inspect --task=NAME [--split=train] --num_examples=N --format=jsonl|text [--stats]
     ul2 export  --model_dir=DIR [--step=N] --output_dir=OUT
     ul2 plan    --gin_file=... --num_devices=N --mesh=...
+    ul2 infer   (--model_dir=DIR | --hf_dir=DIR) (--task=NAME | --input_file=F)
+                --output_file=OUT.jsonl [--decode=greedy|sample|beam ...] [--score]
 
 Each verb is one function below with the arguments it takes; the library modules
 know nothing of gin or of this command line.
@@ -150,11 +152,30 @@ def _train(args: argparse.Namespace) -> int:
   model_dir = _checked(loop.prepare_model_dir, config.model_dir)
   if jax.process_index() == 0:
     (model_dir / "config.gin").write_text(gin.operative_config_str())
+    _write_model_settings(model_dir, config)
   print(f"ul2 train: {config.mixture_or_task_name}, {config.train_steps} steps of "
         f"{config.batch_size} x {dict(config.task_feature_lengths)} -> {model_dir}",
         flush=True)
   _checked(loop.train, config, names)
   return 0
+
+
+def _write_model_settings(model_dir: pathlib.Path, config) -> None:
+  """DIR/model_config.json: the model, vocabulary and lengths as data, for readers
+  that must not execute config.gin (`ul2 infer`; see ul2.model_settings)."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  import tasks  # pylint: disable=import-outside-toplevel,unused-import  (registers tasks)
+  from ul2 import model_settings  # pylint: disable=import-outside-toplevel
+  task = seqio.get_mixture_or_task(config.mixture_or_task_name)
+  vocab = (task.tasks if isinstance(task, seqio.Mixture) else [task])[0].output_features[
+      "targets"].vocabulary
+  vocab_path = str(vocab.sentencepiece_model_file)
+  if "://" not in vocab_path:
+    vocab_path = os.path.abspath(vocab_path)
+  model_settings.write(model_dir, model_settings.ModelSettings(
+      model=config.model, vocab_path=vocab_path,
+      extra_ids=vocab.extra_ids, task_feature_lengths=dict(config.task_feature_lengths),
+      mixture_or_task_name=config.mixture_or_task_name))
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
@@ -369,6 +390,83 @@ def _plan(args: argparse.Namespace) -> int:
                     num_denoisers=plan.num_denoisers(config.mixture_or_task_name))
   print(json.dumps(result.to_json(), indent=1) if args.format == "json"
         else plan.format_plan(result))
+  return 0
+
+
+def _infer_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model_dir", help="a `ul2 train` model_dir (reads model_config.json)")
+  parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  parser.add_argument("--hf_dir", help="a Hugging Face T5 directory, instead of --model_dir")
+  parser.add_argument("--task", help="a registered task: decode its --split")
+  parser.add_argument("--split", default="validation")
+  parser.add_argument("--num_examples", type=int, help="with --task: the first N only")
+  parser.add_argument("--input_file", help="F.jsonl (one object a line) or F.txt (one "
+                      "input a line), instead of --task")
+  parser.add_argument("--input_key", default="inputs", help="JSONL field of the input")
+  parser.add_argument("--target_key", default="targets", help="JSONL field of the targets")
+  parser.add_argument("--output_file", required=True, help="OUT.jsonl, one object an input")
+  parser.add_argument("--mode_token", help="prepended to every input, e.g. [NLG]")
+  parser.add_argument("--max_decode_length", type=int,
+                      help="output tokens, EOS included (default: the targets length)")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--decode", default="greedy", help="greedy, sample or beam")
+  parser.add_argument("--num_beams", type=int, default=4)
+  parser.add_argument("--length_penalty", type=float, default=0.6,
+                      help="beam search alpha: scores are logprob / ((5 + len) / 6)**alpha")
+  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--top_k", type=int, default=0, help="0: off")
+  parser.add_argument("--top_p", type=float, default=1.0, help="1: off")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--score", action="store_true",
+                      help="write the targets' log-likelihood instead of decoding")
+  parser.add_argument("--dtype", help="activations: float32 or bfloat16 (default: the "
+                      "training run's; float32 for --hf_dir)")
+
+
+@verb("infer", "decode or score inputs with a checkpoint or a Hugging Face model",
+      _infer_arguments)
+def _infer(args: argparse.Namespace) -> int:
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from ul2 import infer  # pylint: disable=import-outside-toplevel
+  if args.extra:
+    raise UserError(f"unrecognised argument {args.extra[0]!r}")
+  if bool(args.model_dir) == bool(args.hf_dir):
+    raise UserError("give one of --model_dir or --hf_dir")
+  if bool(args.task) == bool(args.input_file):
+    raise UserError("give one of --task or --input_file")
+  options = infer.Options(
+      decode=args.decode, num_beams=args.num_beams, length_penalty=args.length_penalty,
+      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+      batch_size=args.batch_size, score=args.score)
+  texts = None
+  if args.input_file:  # Bad input fails before the model loads.
+    texts = _checked(infer.read_file, args.input_file, args.input_key, args.target_key,
+                     need_targets=args.score)
+  model = _checked(infer.load_model, model_dir=args.model_dir, step=args.step,
+                   hf_dir=args.hf_dir, dtype=args.dtype)
+  options = dataclasses.replace(
+      options, max_decode_length=args.max_decode_length or model.max_targets_length)
+  _checked(options.check, model.config.vocab_size)
+  task = None
+  if texts is not None:
+    examples, cut = _checked(infer.tokenize, texts, model, options, args.mode_token)
+  else:
+    examples, cut, task = _checked(infer.task_examples, args.task, args.split, model,
+                                   options, args.mode_token, args.num_examples)
+  if cut:
+    print(f"ul2 infer: warning: {cut} of {len(examples)} inputs were longer than the model "
+          f"takes ({model.max_inputs_length} input tokens, {options.max_decode_length} "
+          "target tokens) and were truncated", file=sys.stderr)
+  results, stats = _checked(infer.run, model, examples, options,
+                            infer.ProgressBar(sys.stderr))
+  infer.write_jsonl(results, args.output_file)
+  what = "scored" if options.score else "generated"
+  print(f"ul2 infer: {stats.examples} examples from {model.source}, {stats.tokens} tokens "
+        f"{what} in {stats.seconds:.1f} s ({stats.tokens_per_second:,.0f} tokens/s) "
+        f"-> {args.output_file}")
+  if args.task:
+    print(json.dumps({"task": args.task, "split": args.split,
+                      **infer.task_metrics(task, results, options.score)}))
   return 0
 
 

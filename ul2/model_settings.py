@@ -1,0 +1,72 @@
+"""A model_dir's model settings as data: `DIR/model_config.json`, written by `ul2 train`.
+
+    write(model_dir, ModelSettings(model=config.model, vocab_path=..., extra_ids=100,
+                                   task_feature_lengths={"inputs": 512, "targets": 512},
+                                   mixture_or_task_name="c4_ul2"))
+    settings = read(model_dir)
+
+Readers of a model_dir (`ul2 infer`) take the model from here and never execute
+`config.gin`: a model_dir is data, and a stranger's config.gin may bind anything.
+The file holds the `ModelConfig` fields, the vocabulary and the feature lengths,
+in plain JSON; unknown keys are an error, so a newer file is not half-read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Mapping
+
+from ul2.model import ModelConfig
+
+FILENAME = "model_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  model: ModelConfig
+  vocab_path: str
+  extra_ids: int
+  task_feature_lengths: Mapping[str, int]
+  mixture_or_task_name: str
+
+
+def write(model_dir: str | os.PathLike, settings: ModelSettings) -> pathlib.Path:
+  path = pathlib.Path(model_dir) / FILENAME
+  record = {"model": dataclasses.asdict(settings.model), "vocab_path": settings.vocab_path,
+            "extra_ids": settings.extra_ids,
+            "task_feature_lengths": dict(settings.task_feature_lengths),
+            "mixture_or_task_name": settings.mixture_or_task_name}
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(record, indent=2) + "\n")
+  tmp.replace(path)
+  return path
+
+
+def read(model_dir: str | os.PathLike) -> ModelSettings:
+  """The settings in `model_dir`; FileNotFoundError / ValueError in one line."""
+  path = pathlib.Path(model_dir) / FILENAME
+  if not pathlib.Path(model_dir).is_dir():
+    raise FileNotFoundError(f"model_dir {os.fspath(model_dir)!r} is not a directory")
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{path} not found: model_dirs written before `ul2 train` saved its model settings "
+        "lack it (config.gin is never executed here). Re-run the same `ul2 train` command "
+        "once on this model_dir (it writes the file and stops if training is done), or "
+        "`ul2 export --model_dir=DIR --output_dir=OUT` and use --hf_dir=OUT")
+  try:
+    record = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(record["model"]) - fields
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+    return ModelSettings(model=ModelConfig(**record["model"]),
+                         vocab_path=str(record["vocab_path"]),
+                         extra_ids=int(record["extra_ids"]),
+                         task_feature_lengths={k: int(v) for k, v in
+                                               record["task_feature_lengths"].items()},
+                         mixture_or_task_name=str(record["mixture_or_task_name"]))
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path} is not a valid model settings file: {e}") from e
