@@ -24,7 +24,6 @@ all 128 per row on both sides, which the `tokens` fields show.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
@@ -32,23 +31,15 @@ import statistics
 import tempfile
 import time
 
-import gin
 import jax
 import numpy as np
 
 from ul2 import assets, export, infer, sharding
 from ul2 import model as model_lib
+from model_bench import model_config  # The same float32 shapes as the train-step benchmark.
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INPUTS, NEW_TOKENS, BEAMS = 512, 128, 4
-
-
-def model_config(shape: str) -> model_lib.ModelConfig:
-  gin.clear_config()
-  gin.parse_config_file(str(ROOT / "gin" / "models" / f"{shape}.gin"))
-  cfg = gin.get_configurable(model_lib.ModelConfig)()
-  gin.clear_config()
-  return dataclasses.replace(cfg, dtype="float32", dropout_rate=0.0)
 
 
 def random_params(cfg: model_lib.ModelConfig) -> dict:

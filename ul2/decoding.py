@@ -208,25 +208,26 @@ def _batch_axis(path: tuple[Any, ...], leaf: jax.Array) -> int | None:
   return None
 
 
+def _map_self_attention_cache(cache: Any, fn) -> Any:
+  """`fn(leaf, batch_axis)` on the self-attention keys/values; the rest as it is."""
+  def apply(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name in ("cached_key", "cached_value"):
+      return fn(leaf, _batch_axis(path, leaf))
+    return leaf
+  return jax.tree_util.tree_map_with_path(apply, cache)
+
+
 def _beam_cache(cache: Any, num_beams: int) -> Any:
   """Self-attention keys/values repeated per beam ([b * n] rows, a row's beams
   adjacent); cross-attention projections stay [b] (decode_step shares them)."""
-  def expand(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name in ("cached_key", "cached_value"):
-      return jnp.repeat(leaf, num_beams, axis=_batch_axis(path, leaf))
-    return leaf
-  return jax.tree_util.tree_map_with_path(expand, cache)
+  return _map_self_attention_cache(
+      cache, lambda leaf, axis: jnp.repeat(leaf, num_beams, axis=axis))
 
 
 def _reorder_cache(cache: Any, rows: jax.Array) -> Any:
   """Self-attention keys/values of the beams each new beam continues. rows: [b * n]."""
-  def take(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name in ("cached_key", "cached_value"):
-      return jnp.take(leaf, rows, axis=_batch_axis(path, leaf))
-    return leaf
-  return jax.tree_util.tree_map_with_path(take, cache)
+  return _map_self_attention_cache(cache, lambda leaf, axis: jnp.take(leaf, rows, axis=axis))
 
 
 def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
