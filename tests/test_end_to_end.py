@@ -240,3 +240,22 @@ def test_unwritable_model_dir_is_one_clear_line(tmp_path):
   proc = ul2("train", f"--model_dir={blocker / 'sub'}", *SMALL, check=False)
   assert proc.returncode == 2
   assert "not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_diverging_run_stops_and_keeps_its_good_checkpoint(tmp_path, capsys):
+  """Resumed with a learning rate of 1e6, the run diverges: it stops with one line
+  naming the last good checkpoint, saves nothing of the diverged state, exits 2."""
+  from ul2 import main  # pylint: disable=import-outside-toplevel
+  args = ["train", f"--gin_file={RUN}", f"--model_dir={tmp_path}", *SMALL,
+          "--gin.LOG_PERIOD=5", "--gin.EVAL_PERIOD=0", "--gin.CHECKPOINT_PERIOD=10"]
+  assert main.main([*args, "--gin.TRAIN_STEPS=10"]) == 0
+  capsys.readouterr()
+  assert main.main([*args, "--gin.TRAIN_STEPS=30",
+                    "--gin.optimizers.OptimizerConfig.learning_rate=1e6"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("ul2 train: error: the loss or the gradient "
+                                             "norm is not finite by step 15"), err
+  assert "The last good checkpoint is step 10" in err[0]
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [10]
+  assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path) if r["step"] <= 10)

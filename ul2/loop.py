@@ -305,6 +305,15 @@ def restore_or_init(setup: Setup, ckpt: checkpoint_lib.Checkpointer,
   return state, meta
 
 
+class Diverged(RuntimeError):
+  """The loss or the gradient norm stopped being finite; the run stops without saving."""
+
+
+def _finite(out: Mapping[str, Any]) -> jax.Array:
+  """Whether a train step's loss and gradient norm are finite (on device)."""
+  return jnp.isfinite(out["sums"]["loss"]) & jnp.isfinite(out["grad_norm"])
+
+
 def train(config: TrainConfig, denoiser_names: list[str],
           mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
   """Runs (or resumes) training to `config.train_steps`; returns the last metrics."""
@@ -321,6 +330,8 @@ def train(config: TrainConfig, denoiser_names: list[str],
                     * config.batch_size * lengths["targets"])
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, config.peak_flops_per_device)
   last: dict[str, float] = {}
+  finite = True  # Every step so far was finite: kept on device, read when logging or
+  # saving, so a diverged state is never saved.
   try:
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(list(sharding.LOGICAL_AXIS_RULES)):
       state, meta = restore_or_init(setup, ckpt, config)
@@ -344,8 +355,19 @@ def train(config: TrainConfig, denoiser_names: list[str],
         state, out = setup.train_step(state, batch, dropout_key)
         step += 1
         steps_in_period += 1
+        finite = _finite(out) & finite
         sums = out["sums"] if sums is None else jax.tree.map(jnp.add, sums, out["sums"])
-        if step % config.log_period == 0 or step == config.train_steps:
+        log_now = step % config.log_period == 0 or step == config.train_steps
+        save_now = step % config.checkpoint_period == 0 or step == config.train_steps
+        if (log_now or save_now) and not bool(jax.device_get(finite)):
+          good = ckpt.latest_step()
+          raise Diverged(
+              f"the loss or the gradient norm is not finite by step {step} (loss "
+              f"{float(jax.device_get(out['sums']['loss'])):g}, grad norm "
+              f"{float(jax.device_get(out['grad_norm'])):g}); stopped without saving. "
+              + (f"The last good checkpoint is step {good} in {ckpt.directory}." if good
+                 is not None else "No checkpoint was written."))
+        if log_now:
           host = jax.device_get({"sums": sums, "grad_norm": out["grad_norm"],
                                  "learning_rate": out["learning_rate"]})
           seconds = stopwatch.lap() / steps_in_period
@@ -362,7 +384,7 @@ def train(config: TrainConfig, denoiser_names: list[str],
             metrics_lib.log(metrics_lib.console_line(step, config.train_steps, last,
                                                      denoiser_names))
           sums, steps_in_period = None, 0
-        if step % config.checkpoint_period == 0 or step == config.train_steps:
+        if save_now:
           ckpt.save(step, state.params, state.opt_state,
                     _meta(config, step, data.num_shards))
         if config.eval_period and (step % config.eval_period == 0
@@ -377,7 +399,8 @@ def train(config: TrainConfig, denoiser_names: list[str],
           stopwatch.lap()  # Eval time is not training time.
   except KeyboardInterrupt:
     # Keep the work done: save where we are, then stop.
-    if "state" in locals() and int(state.step) != ckpt.latest_step():
+    if ("state" in locals() and int(state.step) != ckpt.latest_step()
+        and bool(jax.device_get(finite))):
       metrics_lib.log(f"interrupted: saving step {int(state.step)}")
       ckpt.save(int(state.step), state.params, state.opt_state,
                 _meta(config, int(state.step),

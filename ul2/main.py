@@ -156,7 +156,12 @@ def _train(args: argparse.Namespace) -> int:
   print(f"ul2 train: {config.mixture_or_task_name}, {config.train_steps} steps of "
         f"{config.batch_size} x {dict(config.task_feature_lengths)} -> {model_dir}",
         flush=True)
-  _checked(loop.train, config, names)
+  try:
+    _checked(loop.train, config, names)
+  except loop.Diverged as e:
+    if os.environ.get("UL2_TRACEBACK"):
+      raise
+    raise UserError(str(e)) from e
   return 0
 
 
