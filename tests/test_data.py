@@ -225,6 +225,7 @@ def test_a_corpus_with_no_text_is_a_clear_error(tmp_path):
                      shuffle=False, seed=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length, num_examples", [(128, 4000), (512, 3000)])
 def test_packed_denoiser_ids_are_their_examples(length, num_examples):
   """Every packed segment is the next example, with that example's denoiser id on all of
