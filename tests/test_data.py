@@ -140,6 +140,7 @@ def test_unknown_names_and_missing_files_are_one_clear_error(tmp_path, registere
     data.get_dataset("local_ul2", {"inputs": 64, "targets": 16}, "train", 2, True, 0)
 
 
+@pytest.mark.slow
 def test_c4_ul2_reads_a_local_tfds_directory(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   features = tfds.builder(tasks.C4_TFDS_NAME, data_dir=tmp_path).info.features

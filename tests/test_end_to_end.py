@@ -16,6 +16,9 @@ import time
 import numpy as np
 import pytest
 
+# Real `ul2` runs in fresh processes: the end-to-end tier.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN = str(REPO / "gin" / "runs" / "local_tiny.gin")
 # Small enough to be quick on 2 cores, big enough to learn something.

@@ -203,6 +203,7 @@ def inputs_file(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decode", ["greedy", "beam"])
 def test_command_equals_transformers_generate(exported, inputs_file, tmp_path, capsys,
                                               decode):
@@ -233,6 +234,7 @@ def test_command_equals_transformers_generate(exported, inputs_file, tmp_path, c
       assert r["beam_score"] == r["score"]
 
 
+@pytest.mark.slow
 def test_command_scores_targets(exported, inputs_file, tmp_path):
   _, hf_dir, hf = exported
   out = tmp_path / "scores.jsonl"
@@ -246,6 +248,7 @@ def test_command_scores_targets(exported, inputs_file, tmp_path):
     assert abs(r["score"] + loss * len(r["target_ids"])) < 1e-4
 
 
+@pytest.mark.slow
 def test_command_sampling_is_reproducible(exported, tmp_path):
   _, hf_dir, _ = exported
   path = tmp_path / "in.txt"
@@ -271,6 +274,7 @@ def _model_dir(tmp_path, params, cfg=CONFIG, lengths=None):
   return tmp_path
 
 
+@pytest.mark.slow
 def test_command_reads_a_model_dir_and_a_task(exported, tmp_path, capsys):
   params, hf_dir, _ = exported
   model_dir = _model_dir(tmp_path / "run", params)
@@ -332,6 +336,7 @@ def test_model_dir_without_settings_says_how_to_proceed(tmp_path, capsys):
   assert "model_config.json not found" in line and "--hf_dir" in line
 
 
+@pytest.mark.slow
 def test_long_inputs_are_truncated_with_one_warning(exported, tmp_path, capsys):
   params, _, _ = exported
   model_dir = _model_dir(tmp_path / "run", params, lengths={"inputs": 16, "targets": 4})

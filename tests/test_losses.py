@@ -107,6 +107,7 @@ def test_unknown_impl_is_a_clear_error():
 # Tied embeddings: the kernel is the embedding's transpose, so the embedding's
 # gradient has two paths. (Untied, the chunked loss on 1 device is also compared with
 # the logits loss on split meshes in test_trainer's every-mesh test.)
+@pytest.mark.slow
 def test_train_and_eval_steps_are_the_same_with_either_loss():
   batches = random_batches(2, 8, seed=11)
   runs = {}

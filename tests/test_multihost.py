@@ -76,6 +76,7 @@ def _losses(records, steps):
   return np.array([by_step[s]["loss"] for s in steps])
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_losses_of_one(runs):
   a = _metrics(runs["one"])
   b = runs["b_metrics"]
@@ -90,6 +91,7 @@ def test_two_processes_give_the_losses_of_one(runs):
   assert (runs["logs"] / "process_1.log").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_written_by_two_processes_holds_the_same_state(runs):
   from ul2 import loop  # pylint: disable=import-outside-toplevel
   main.parse_gin([str(runs["two"] / "config.gin")], [])
@@ -108,6 +110,7 @@ def test_checkpoint_written_by_two_processes_holds_the_same_state(runs):
       "ocdbt.process_0", "ocdbt.process_1"}
 
 
+@pytest.mark.slow
 def test_one_process_resumes_two_processes_checkpoint_exactly(runs):
   c = [r for r in _metrics(runs["two"]) if r["step"] > 3]
   assert [r["step"] for r in c] == [4, 5]
@@ -115,6 +118,7 @@ def test_one_process_resumes_two_processes_checkpoint_exactly(runs):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_processes_read_disjoint_shards_of_the_corpus():
   """Every token 8-gram a shard's examples contain comes from that shard's documents."""
   import seqio  # pylint: disable=import-outside-toplevel

@@ -110,6 +110,7 @@ print(json.dumps({"plan_per_device": p.memory_bytes, "plan_arguments": p.argumen
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices,mesh", [(8, "1,8,1")])
 def test_plan_memory_matches_a_real_step(num_devices, mesh, tmp_path):
   if not os.path.exists("/proc/self/clear_refs"):

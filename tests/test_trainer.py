@@ -83,6 +83,7 @@ def one_device_run():
 
 # (1, 1, 4), on 4 devices: the batch is not split, so the loss is the chunked one,
 # with the vocabulary split over "tensor" (TINY has 4 heads).
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 4)])
 def test_same_losses_on_every_mesh(mesh_shape, one_device_run):
   batches, reference, ref_params = one_device_run
@@ -105,6 +106,7 @@ def test_same_losses_on_every_mesh(mesh_shape, one_device_run):
 
 
 # On 1 device the loss is the chunked one (a scan inside the microbatch scan).
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices", [1, 2])
 def test_microbatches_give_the_same_update(num_devices):
   batches = random_batches(2, 8, seed=5)
