@@ -856,10 +856,3 @@ def denoisers_of(preprocessors: Sequence[object]) -> tuple[Denoiser, ...] | None
     if isinstance(p, functools.partial) and p.func is mixture_of_denoisers:
       return validate_mixture(p.keywords.get("denoisers", UL2_DENOISERS))
   return None
-
-
-def describe(d: Denoiser, inputs: Sequence[int], targets: Sequence[int], *, mode_length: int,
-             first_sentinel: int) -> str:
-  """One line on what denoiser `d` did to an example (for `ul2 inspect`)."""
-  anatomy = Anatomy.of(inputs, targets, mode_length=mode_length, first_sentinel=first_sentinel)
-  return KINDS[d.kind].describe(d, anatomy)
