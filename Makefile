@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 # A short UL2 pre-training run on the bundled corpus, then export to Hugging Face format.
 train: setup
 	$(BIN)/ul2 train --gin_file=gin/runs/local_tiny.gin --model_dir=$(MODEL_DIR)
-	$(BIN)/ul2 export --model_dir=$(MODEL_DIR) --output_dir=$(EXPORT_DIR)
+	$(BIN)/ul2 export --model_dir=$(MODEL_DIR) --output_dir=$(EXPORT_DIR) --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q tests

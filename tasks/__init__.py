@@ -19,18 +19,20 @@ with other files, TFDS directory, vocabulary or denoisers; from gin:
 (see gin/experiments/custom_mixture.gin for a mixture of one's own denoisers).
 
 Text files hold one document per line; JSONL files (`.jsonl`, `.json`) one JSON
-object per line with the document in `text_key`. Bad input never crashes a run:
-invalid UTF-8 bytes become U+FFFD, empty and whitespace-only documents are dropped,
-and JSONL lines that are not objects with a string `text_key` are skipped (counted in
-a warning per file).
+object per line with the document in `text_key`. Stray bad bytes never crash a run:
+invalid UTF-8 becomes U+FFFD, empty and whitespace-only documents are dropped, and
+JSONL lines that are not objects with a string `text_key` are skipped (counted in
+one warning per file). Files that cannot be a corpus are one-line errors before
+training starts (`check_files`): a directory, a binary file (NUL bytes or mostly
+invalid UTF-8), a JSONL file without one usable line.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
+import sys
 from typing import Mapping, Sequence
 
 import seqio
@@ -53,28 +55,88 @@ def clean_text(dataset: tf.data.Dataset, key: str = "targets") -> tf.data.Datase
   return dataset.filter(lambda features: tf.strings.length(tf.strings.strip(features[key])) > 0)
 
 
+def _json_text(line: bytes, text_key: str) -> str | None:
+  """The `text_key` string of a JSON object line; None for a blank or unusable line."""
+  line = line.decode("utf-8", errors="replace").strip()
+  if not line:
+    return None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  text = record.get(text_key) if isinstance(record, dict) else None
+  return text if isinstance(text, str) else None
+
+
+_WARNED: set[str] = set()  # Files whose skipped lines were reported (once a process).
+
+
 def _jsonl_texts(path: bytes, text_key: bytes):
   """Yields the `text_key` string of each JSON object line of `path`."""
   path, text_key = path.decode(), text_key.decode()
   skipped = 0
   with tf.io.gfile.GFile(path, "rb") as f:
     for line in f:
-      line = line.decode("utf-8", errors="replace").strip()
-      if not line:
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        skipped += 1
-        continue
-      text = record.get(text_key) if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        skipped += 1
+      text = _json_text(line, text_key)
+      if text is None:
+        skipped += bool(line.strip())
         continue
       yield text
-  if skipped:
-    logging.warning("%s: skipped %d lines that are not JSON objects with a string %r.",
-                    path, skipped, text_key)
+  if skipped and path not in _WARNED:
+    _WARNED.add(path)
+    print(f"warning: {path}: skipped {skipped} lines that are not JSON objects with a "
+          f"string {text_key!r}", file=sys.stderr, flush=True)
+
+
+_HEAD = 1 << 16  # Bytes of each file `check_files` reads to tell text from binary.
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_problem(path: str, size: int, mtime: int, text_key: str | None) -> str | None:
+  """Why `path` cannot be a corpus file, or None (cached by size and mtime)."""
+  del size, mtime  # The cache key only.
+  with tf.io.gfile.GFile(path, "rb") as f:
+    head = f.read(_HEAD)
+  text = head.decode("utf-8", errors="replace")
+  if b"\0" in head or text.count("\ufffd") > 0.1 * max(len(text), 1):
+    return ("is a binary file, not text (NUL bytes or mostly invalid UTF-8); remove it "
+            "from the task's files")
+  if text_key is not None:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      if not any(_json_text(line, text_key) is not None for line in f):
+        return f"has no line that is a JSON object with a string {text_key!r}"
+  return None
+
+
+class TextFiles(seqio.FileDataSource):
+  """A seqio file source of documents: text files (a line each) or JSONL (`text_key`)."""
+
+  def __init__(self, split_globs: Mapping[str, str | Sequence[str]], text_key: str):
+    patterns = [p for globs in split_globs.values() for p in _patterns(globs)]
+    is_json = [p.endswith(JSON_SUFFIXES) for p in patterns]
+    if any(is_json) and not all(is_json):
+      raise ValueError(f"files {patterns}: use either JSONL (.jsonl/.json) or text files")
+    self.text_key = text_key if all(is_json) else None
+    if self.text_key is not None:
+      def read(path):
+        return tf.data.Dataset.from_generator(
+            _jsonl_texts, args=(path, text_key),
+            output_signature=tf.TensorSpec([], tf.string)).map(lambda text: {"text": text})
+    else:
+      def read(path):
+        return tf.data.TextLineDataset(path).map(lambda text: {"text": text})
+    super().__init__(read, split_to_filepattern=dict(split_globs), cycle_length=1,
+                     block_length=1)
+
+  def check_files(self, files: Sequence[str]) -> None:
+    """One-line ValueError for the first file that cannot be part of a corpus."""
+    for path in files:
+      if tf.io.gfile.isdir(path):
+        raise ValueError(f"{path} matches the task's files but is a directory")
+      stat = tf.io.gfile.stat(path)
+      problem = _file_problem(path, stat.length, stat.mtime_nsec, self.text_key)
+      if problem:
+        raise ValueError(f"{path} {problem}")
 
 
 def _patterns(globs: str | Sequence[str]) -> list[str]:
@@ -89,25 +151,6 @@ def list_files(globs: str | Sequence[str]) -> list[str]:
   if not files:
     raise FileNotFoundError(f"no files match {', '.join(patterns)}")
   return files
-
-
-def _files_source(split_globs: Mapping[str, str | Sequence[str]], text_key: str
-                  ) -> seqio.FileDataSource:
-  """{"text": document} from text files (a line each) or JSONL files (`text_key`)."""
-  patterns = [p for globs in split_globs.values() for p in _patterns(globs)]
-  is_json = [p.endswith(JSON_SUFFIXES) for p in patterns]
-  if any(is_json) and not all(is_json):
-    raise ValueError(f"files {patterns}: use either JSONL (.jsonl/.json) or text files")
-  if all(is_json):
-    def read(path):
-      return tf.data.Dataset.from_generator(
-          _jsonl_texts, args=(path, text_key),
-          output_signature=tf.TensorSpec([], tf.string)).map(lambda text: {"text": text})
-  else:
-    def read(path):
-      return tf.data.TextLineDataset(path).map(lambda text: {"text": text})
-  return seqio.FileDataSource(read, split_to_filepattern=dict(split_globs), cycle_length=1,
-                              block_length=1)
 
 
 def register_ul2_task(
@@ -155,7 +198,7 @@ def register_ul2_task(
       split_globs = dict(text_glob)
     else:
       split_globs = {"train": text_glob}
-    source = _files_source(split_globs, text_key)
+    source = TextFiles(split_globs, text_key)
     text_key = "text"
   vocabulary = seqio.SentencePieceVocabulary(os.fspath(vocab_path), extra_ids=extra_ids)
   # The denoiser preprocessor appends EOS itself (its length budgets count it).

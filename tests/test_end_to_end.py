@@ -178,7 +178,7 @@ def test_exact_resume_after_a_kill(tmp_path, cache):
 
 def test_eval_verb_reports_the_checkpoint(trained, cache):
   model_dir, _ = trained
-  proc = ul2("eval", f"--model_dir={model_dir}", "--gin.loop.TrainConfig.eval_steps=2",
+  proc = ul2("eval", f"--model_dir={model_dir}", "--eval_steps=2",
              cache_dir=cache)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["step"] == 60

@@ -6,7 +6,6 @@ loss, and the command's files, model_dirs, tasks and one-line errors."""
 import dataclasses
 import itertools
 import json
-import types
 
 import jax
 import numpy as np
@@ -268,9 +267,10 @@ def _model_dir(tmp_path, params, cfg=CONFIG, lengths=None):
   ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
   ckpt.save(5, params, {"count": np.zeros((), np.int32)}, {"batches_consumed": 5})
   ckpt.close()
-  main._write_model_settings(tmp_path, types.SimpleNamespace(  # pylint: disable=protected-access
-      model=cfg, mixture_or_task_name="local_ul2",
-      task_feature_lengths=lengths or {"inputs": 64, "targets": 64}))
+  model_settings.write(tmp_path, model_settings.ModelSettings(
+      model=cfg, vocab_path=str(assets.VOCAB_PATH), extra_ids=assets.EXTRA_IDS,
+      task_feature_lengths=lengths or {"inputs": 64, "targets": 64},
+      mixture_or_task_name="local_ul2"))
   return tmp_path
 
 

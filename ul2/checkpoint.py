@@ -12,15 +12,72 @@ renames it when every process has finished, so a crash mid-save leaves the previ
 checkpoint as the latest one. Every process calls every method (orbax coordinates
 multi-host saves); restore takes abstract arrays carrying their target shardings,
 so a checkpoint restores directly sharded onto any mesh.
+
+Integrity: `meta` records a fingerprint of the parameters and of the optimiser
+state (exact integer sums over their bits, so independent of the sharding and
+the number of processes) and a hash of the rest of itself. `restore` recomputes
+them on what it read and raises `Unreadable` on any difference, as it does for
+anything orbax cannot read (a truncated chunk, a missing item, garbage metadata);
+`restore_newest_good` falls back from a bad step to the newest one that verifies.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from ul2 import quiet
+
+
+class Unreadable(ValueError):
+  """A checkpoint step that cannot be restored or does not match its checksums."""
+
+  def __init__(self, step: int, reason: str, message: str | None = None):
+    super().__init__(message or f"checkpoint step {step} is unreadable: {reason}")
+    self.step, self.reason = step, reason
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32 values (one per element)."""
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_sums(leaves: list[jax.Array]) -> jax.Array:
+  """Per leaf: the sum of its bits and a position-weighted sum, modulo 2**32.
+
+  Integer sums are exact in any order, so the result does not depend on how the
+  leaves are sharded; a flipped bit changes the first sum, a swap the second.
+  """
+  sums = []
+  for x in leaves:
+    bits = _bits(x).reshape(-1)
+    weights = jax.lax.iota(jnp.uint32, bits.size) * jnp.uint32(2654435761) + jnp.uint32(1)
+    sums.append(jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)]))
+  return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)
+
+
+def fingerprint(tree: Any) -> str:
+  """A hex digest of the values, shapes and dtypes of the arrays in `tree`."""
+  leaves = jax.tree.leaves(tree)
+  digest = hashlib.sha256(repr([(x.shape, str(x.dtype)) for x in leaves]).encode())
+  digest.update(np.asarray(_leaf_sums(leaves)).tobytes())
+  return digest.hexdigest()[:32]
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+  rest = {k: v for k, v in meta.items() if k != "checksums"}
+  return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:32]
 
 
 class Checkpointer:
@@ -48,28 +105,99 @@ class Checkpointer:
 
   def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
     """Starts saving `step` (returns before the write ends when asynchronous)."""
+    meta = {**meta, "step": int(step)}
+    meta["checksums"] = {"params": fingerprint(params), "opt_state": fingerprint(opt_state),
+                         "meta": _meta_digest(meta)}
     self._manager.save(
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({**meta, "step": int(step)}),
+            meta=ocp.args.JsonSave(meta),
         ),
         force=True,
     )
 
   def restore(self, step: int, abstract_params: Any,
               abstract_opt_state: Any | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """Restores `step` onto the shardings carried by the abstract trees.
+    """Restores `step` onto the shardings carried by the abstract trees, verified.
 
     With `abstract_opt_state=None` only the parameters are read (export, eval).
+    Raises `Unreadable` if orbax cannot read the step or what it read does not match
+    the checksums saved with it (checkpoints saved without checksums are trusted).
     """
     items = {"params": ocp.args.StandardRestore(abstract_params),
              "meta": ocp.args.JsonRestore()}
     if abstract_opt_state is not None:
       items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["params"], restored.get("opt_state"), dict(restored["meta"])
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except  (anything: the files are bad)
+      raise Unreadable(step, quiet.root_cause(e)) from e
+    meta = restored["meta"]
+    if not isinstance(meta, dict):
+      raise Unreadable(step, "its meta item is not a JSON object")
+    meta = dict(meta)
+    checksums = meta.get("checksums")
+    if checksums is not None:
+      parts = {"meta": lambda: _meta_digest(meta),
+               "params": lambda: fingerprint(restored["params"])}
+      if abstract_opt_state is not None:
+        parts["opt_state"] = lambda: fingerprint(restored["opt_state"])
+      for name, compute in parts.items():
+        if checksums.get(name) != compute():
+          raise Unreadable(step, f"its {name} do not match the checksum saved with them")
+    return restored["params"], restored.get("opt_state"), meta
+
+  def restore_newest_good(self, abstract_params: Any, abstract_opt_state: Any | None = None,
+                          warn: Callable[[str], None] = print
+                          ) -> tuple[int, Any, Any, dict[str, Any]] | None:
+    """The newest step that restores and verifies, as (step, params, opt_state, meta).
+
+    Each step skipped on the way is one `warn` line naming it and the reason. None
+    when there is no checkpoint; `Unreadable` when there are some and none is good.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    reasons = []
+    for step in steps:
+      try:
+        return (step, *self.restore(step, abstract_params, abstract_opt_state))
+      except Unreadable as e:
+        reasons.append(e)
+        warn(f"warning: {e}; trying the previous checkpoint" if step != steps[-1]
+             else f"warning: {e}")
+    if not steps:
+      return None
+    raise Unreadable(steps[0], "no step is readable", message=(
+        f"no checkpoint in {self.directory} is readable ("
+        + "; ".join(f"step {e.step}: {e.reason}" for e in reasons)
+        + "); move the checkpoints directory away to start afresh"))
+
+  def restore_params(self, abstract_params: Any, step: int | None = None,
+                     warn: Callable[[str], None] = print) -> tuple[int, Any]:
+    """(step, params) of `step`, or of the newest step that verifies (eval, export)."""
+    steps = self.all_steps()
+    if not steps:
+      raise ValueError(f"no checkpoint in {self.directory}")
+    if step is None:
+      step, params, _, _ = self.restore_newest_good(abstract_params, warn=warn)
+      return step, params
+    if step not in steps:
+      raise ValueError(f"no checkpoint for step {step} in {self.directory}; there are "
+                       f"steps {sorted(steps)}")
+    return step, self.restore(step, abstract_params)[0]
+
+  def set_aside(self, step: int) -> pathlib.Path:
+    """Moves an unreadable `step` out of the way (to `checkpoints.unreadable/`), so
+    the run can save that step again; nothing is deleted. Call on one process."""
+    target = self.directory.parent / "checkpoints.unreadable" / f"{step}.{int(time.time())}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(self.directory / str(step)), str(target))
+    return target
+
+  def reload(self) -> None:
+    """Re-reads the steps on disk (after `set_aside`)."""
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -83,3 +211,4 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` carrying `shardings`: what restore should produce."""
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+

@@ -113,6 +113,34 @@ def _vocabulary(task: seqio.Task) -> seqio.Vocabulary:
   return task.output_features["targets"].vocabulary
 
 
+def task_vocabulary(name: str) -> seqio.Vocabulary:
+  """The targets vocabulary of a task (or of a mixture's first task)."""
+  return _vocabulary(_tasks(provider(name))[0])
+
+
+def check_vocabulary(name: str, model_vocab_size: int) -> None:
+  """One-line errors for a vocabulary the model cannot train with: not SentencePiece,
+  larger than the model's `vocab_size`, or unable to spell a denoiser's mode token."""
+  for task in _tasks(provider(name)):
+    vocabulary = _vocabulary(task)
+    path = getattr(vocabulary, "sentencepiece_model_file", "the vocabulary")
+    try:
+      size = vocabulary.vocab_size
+    except Exception as e:  # pylint: disable=broad-except  (protobuf, OSError, ...)
+      raise ValueError(f"task {task.name}: vocabulary {path} is not a SentencePiece model "
+                       f"({type(e).__name__}: {' '.join(str(e).split())})") from e
+    if size > model_vocab_size:
+      raise ValueError(f"task {task.name}: vocabulary {path} has {size} ids (extra ids "
+                       f"included), more than the model's vocab_size {model_vocab_size}")
+    tokenizer = getattr(vocabulary, "tokenizer", None)
+    for d in task_denoisers(name):
+      ids = denoisers_lib.mode_token_ids(vocabulary, d.mode_token)
+      if tokenizer is not None and tokenizer.unk_id() in ids:
+        raise ValueError(f"task {task.name}: vocabulary {path} ({tokenizer.get_piece_size()} "
+                         f"pieces) cannot spell denoiser {d.name}'s mode token "
+                         f"{d.mode_token!r}: it encodes to unknown pieces")
+
+
 def _check_tfds(task: seqio.Task) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   loader = task.source.tfds_dataset
@@ -150,6 +178,9 @@ def check(name: str, task_feature_lengths: Mapping[str, int], split: str) -> Non
       if not files:
         raise FileNotFoundError(f"task {task.name}: no files match "
                                 f"{task.source._split_to_filepattern[split]} (split {split})")  # pylint: disable=protected-access
+      check_files = getattr(task.source, "check_files", None)
+      if check_files is not None:
+        check_files(files)
       if not _has_text(files):
         raise ValueError(f"task {task.name}: the {split} files ({', '.join(files[:3])}"
                          f"{', ...' if len(files) > 3 else ''}) hold no text")

@@ -409,9 +409,9 @@ class SpanCorruption(Kind):
     i, t, noise, spans = _span_lengths(window, d, num_sentinels, mode_length)
     capped = math.ceil(noise / d.mean_span_length) > num_sentinels
     if noise < d.mean_span_length:
-      _log.warning("%s: a full window of %d tokens has %d noise tokens, fewer than one "
-                   "mean span of %g; its spans will be shorter.", where, window, noise,
-                   d.mean_span_length)
+      _log.info("%s: a full window of %d tokens has %d noise tokens, fewer than one "
+                "mean span of %g; its spans will be shorter.", where, window, noise,
+                d.mean_span_length)
     if capped:
       _log.info("%s: %d spans capped at %d sentinels (mean span %.1f instead of %g).",
                 where, math.ceil(noise / d.mean_span_length), num_sentinels,

@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import os
 import pathlib
+import signal
+import threading
 from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
@@ -32,7 +34,9 @@ from ul2 import compiler
 from ul2 import distributed
 from ul2 import metrics as metrics_lib
 from ul2 import model as model_lib
+from ul2 import model_settings
 from ul2 import optimizers
+from ul2 import run_lock
 from ul2 import sharding
 from ul2 import trainer
 
@@ -85,16 +89,27 @@ class TrainConfig:
       raise ValueError("model_dir is required: pass --model_dir=DIR "
                        "(or --gin.MODEL_DIR=\"'DIR'\")")
     for name in ("train_steps", "batch_size", "checkpoint_period", "log_period",
-                 "num_microbatches", "eval_steps"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                 "num_microbatches", "eval_steps", "eval_period", "random_seed"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+      may_be_zero = name in ("eval_period", "random_seed")
+      if value < 0 or (value == 0 and not may_be_zero):
+        raise ValueError(f"{name} must be {'non-negative' if may_be_zero else 'positive'}, "
+                         f"got {value}")
+    if self.keep_checkpoints is not None and (
+        not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1):
+      raise ValueError(f"keep_checkpoints must be a positive integer or None, got "
+                       f"{self.keep_checkpoints!r}")
     if self.data_shards is not None and (
-        self.data_shards <= 0 or self.batch_size % self.data_shards):
+        not isinstance(self.data_shards, int) or self.data_shards <= 0 or self.batch_size % self.data_shards):
       raise ValueError(f"data_shards={self.data_shards} must be positive and divide "
                        f"the batch size {self.batch_size}")
-    if set(self.task_feature_lengths) != {"inputs", "targets"}:
-      raise ValueError("task_feature_lengths must have exactly the keys 'inputs' and "
-                       f"'targets', got {dict(self.task_feature_lengths)}")
+    if not isinstance(self.task_feature_lengths, Mapping) or set(
+        self.task_feature_lengths) != {"inputs", "targets"} or not all(
+            isinstance(v, int) and v > 0 for v in self.task_feature_lengths.values()):
+      raise ValueError("task_feature_lengths must map 'inputs' and 'targets' to positive "
+                       f"integers, got {self.task_feature_lengths!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,37 +287,58 @@ def eval_line(step: int, metrics: Mapping[str, float]) -> str:
   return line
 
 
-def _meta(config: TrainConfig, step: int, data_shards: int | None = None
-          ) -> dict[str, Any]:
+def _meta(config: TrainConfig, step: int, data_shards: int) -> dict[str, Any]:
   return {"batches_consumed": int(step), "mixture_or_task_name": config.mixture_or_task_name,
           "random_seed": config.random_seed, "batch_size": config.batch_size,
-          "process_count": jax.process_count(),
-          "data_shards": data_shards or config.data_shards or jax.process_count()}
+          "process_count": jax.process_count(), "data_shards": data_shards}
 
 
-def restore_or_init(setup: Setup, ckpt: checkpoint_lib.Checkpointer,
-                    config: TrainConfig, step: int | None = None
+def _abstract_state(setup: Setup) -> trainer.TrainState:
+  return checkpoint_lib.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+
+
+def _state_at(setup: Setup, step: int, params: Any, opt_state: Any) -> trainer.TrainState:
+  return trainer.TrainState(step=jax.device_put(jnp.int32(step), setup.state_shardings.step),
+                            params=params, opt_state=opt_state)
+
+
+def restore_or_init(setup: Setup, ckpt: checkpoint_lib.Checkpointer, config: TrainConfig,
+                    step: int | None = None, set_aside: bool = False
                     ) -> tuple[trainer.TrainState, dict[str, Any]]:
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    return setup.init(jax.random.key(config.random_seed)), {"batches_consumed": 0}
-  abstract = checkpoint_lib.abstract_with_shardings(setup.abstract_state,
-                                                    setup.state_shardings)
-  params, opt_state, meta = ckpt.restore(step, abstract.params, abstract.opt_state)
-  state = trainer.TrainState(step=jax.device_put(jnp.int32(step),
-                                                 setup.state_shardings.step),
-                             params=params, opt_state=opt_state)
+  """The state at `step`, or at the newest checkpoint that verifies, or a fresh one.
+
+  A newest checkpoint that fails to restore or verify is skipped with a warning
+  (and, with `set_aside`, moved to `checkpoints.unreadable/` so that the run can
+  save that step again). A `step` asked for by number is not skipped: it restores
+  or raises `checkpoint.Unreadable`.
+  """
+  abstract = _abstract_state(setup)
+  if step is not None:
+    params, opt_state, meta = ckpt.restore(step, abstract.params, abstract.opt_state)
+  else:
+    newest = max(ckpt.all_steps(), default=None)
+    found = ckpt.restore_newest_good(abstract.params, abstract.opt_state,
+                                     warn=metrics_lib.warn)
+    if found is None:
+      return setup.init(jax.random.key(config.random_seed)), {"batches_consumed": 0}
+    step, params, opt_state, meta = found
+    if set_aside and step != newest:
+      if jax.process_index() == 0:
+        for bad in (s for s in ckpt.all_steps() if s > step):
+          metrics_lib.log(f"moved unreadable checkpoint step {bad} to {ckpt.set_aside(bad)}")
+      multihost_utils.sync_global_devices("ul2: unreadable checkpoints set aside")
+      ckpt.reload()
   for key in ("mixture_or_task_name", "random_seed", "batch_size"):
-    if meta.get(key) != _meta(config, step)[key]:
-      metrics_lib.log(f"warning: resuming step {step} with {key}={_meta(config, step)[key]!r}"
+    if meta.get(key) != getattr(config, key):
+      metrics_lib.warn(f"warning: resuming step {step} with {key}={getattr(config, key)!r}"
                       f" (checkpoint has {meta.get(key)!r}): the data order differs from "
                       "an uninterrupted run")
   saved_shards = meta.get("data_shards", meta.get("process_count"))
   if config.data_shards and saved_shards and config.data_shards != saved_shards:
-    metrics_lib.log(f"warning: resuming step {step} with data_shards={config.data_shards} "
+    metrics_lib.warn(f"warning: resuming step {step} with data_shards={config.data_shards} "
                     f"(checkpoint has {saved_shards}): the data order differs from an "
                     "uninterrupted run")
-  return state, meta
+  return _state_at(setup, step, params, opt_state), meta
 
 
 class Diverged(RuntimeError):
@@ -314,123 +350,269 @@ def _finite(out: Mapping[str, Any]) -> jax.Array:
   return jnp.isfinite(out["sums"]["loss"]) & jnp.isfinite(out["grad_norm"])
 
 
-def train(config: TrainConfig, denoiser_names: list[str],
-          mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
-  """Runs (or resumes) training to `config.train_steps`; returns the last metrics."""
+def itstime(step: int, period: int, last_step: int) -> bool:
+  """Whether a periodic action (log, save, eval) is due after `step`: every
+  `period` steps (never if 0) and at the run's last step."""
+  return step == last_step or (period > 0 and step % period == 0)
+
+
+class _Preemption:
+  """Whether the run has been asked to stop (SIGTERM, as SLURM, Kubernetes and TPU
+  maintenance send): then it saves the step it is at and ends.
+
+  One process: a SIGTERM handler sets a flag. Several: JAX's preemption service
+  (started by `jax.distributed.initialize`) catches the signal on whichever process
+  gets it and makes every process agree on one step to stop at
+  (`reached_preemption_sync_point`, called at every step).
+  """
+
+  def __init__(self):
+    self._shared = jax.process_count() > 1
+    self._requested = False
+    self._previous = None
+    if not self._shared and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._request)
+
+  def _request(self, signum, frame):  # pylint: disable=unused-argument
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._shared:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """How `train` ended: at `step`, with the last logged `metrics`; `preempted` if it
+  stopped early on SIGTERM (after saving `step`)."""
+  step: int
+  metrics: dict[str, float]
+  preempted: bool = False
+
+
+def _check_resume(model_dir: pathlib.Path, ckpt: checkpoint_lib.Checkpointer,
+                  config: TrainConfig) -> None:
+  """A resume under a different architecture is one line, not a shape error."""
+  if not ckpt.all_steps() or not (model_dir / model_settings.FILENAME).is_file():
+    return
+  saved = model_settings.read(model_dir).model
+  differences = model_settings.architecture_differences(saved, config.model)
+  if differences:
+    raise ValueError(f"{model_dir} holds checkpoints of another model: "
+                     + "; ".join(differences) + ". Use another --model_dir, or the "
+                     "checkpoint's model settings")
+
+
+def _write_records(model_dir: pathlib.Path, config: TrainConfig, operative_config: str | None
+                   ) -> None:
+  """config.gin (the human-readable record) and model_config.json (the data readers
+  use), written only once the config is valid and the restore has succeeded."""
+  from ul2 import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  if operative_config is not None:
+    _atomic_write(model_dir / "config.gin", operative_config)
+  vocab = data.task_vocabulary(config.mixture_or_task_name)
+  vocab_path = str(vocab.sentencepiece_model_file)
+  if "://" not in vocab_path:
+    vocab_path = os.path.abspath(vocab_path)
+  run = {"batch_size": config.batch_size, "random_seed": config.random_seed,
+         "eval_steps": config.eval_steps, "eval_split": config.eval_split,
+         "pack": config.pack, "loss": dataclasses.asdict(config.loss)}
+  model_settings.write(model_dir, model_settings.ModelSettings(
+      model=config.model, vocab_path=vocab_path, extra_ids=vocab.extra_ids,
+      task_feature_lengths=dict(config.task_feature_lengths),
+      mixture_or_task_name=config.mixture_or_task_name, run=run))
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def train(config: TrainConfig, mesh: jax.sharding.Mesh | None = None,
+          operative_config: str | None = None) -> Outcome:
+  """Runs (or resumes) training to `config.train_steps`, holding the model_dir's lock.
+
+  `operative_config` (the gin text) is saved as `config.gin` once the run has
+  restored; raises `Diverged` if the loss stops being finite, `run_lock.LockHeld` if
+  another run holds the model_dir.
+  """
   model_dir = prepare_model_dir(config.model_dir)
+  with run_lock.hold(model_dir, warn=metrics_lib.warn, enabled=jax.process_index() == 0):
+    return _train(config, model_dir, mesh, operative_config)
+
+
+def _train(config: TrainConfig, model_dir: pathlib.Path, mesh: jax.sharding.Mesh | None,
+           operative_config: str | None) -> Outcome:
+  from ul2 import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  # Bad data, vocabulary or lengths fail here, before anything is built or written.
+  denoiser_names = [d.name for d in data.task_denoisers(config.mixture_or_task_name)]
+  data.check_vocabulary(config.mixture_or_task_name, config.model.vocab_size)
+  for split in ("train", config.eval_split) if config.eval_period else ("train",):
+    data.check(config.mixture_or_task_name, config.task_feature_lengths, split)
   setup = build(config, max(len(denoiser_names), 1), mesh)
   is_chief = jax.process_index() == 0
-  writer = metrics_lib.MetricsWriter(model_dir, enabled=is_chief)
   ckpt = checkpoint_lib.Checkpointer(model_dir, keep=config.keep_checkpoints,
                                      async_save=config.async_checkpointing)
+  writer = None
+  preemption = _Preemption()
+  try:
+    _check_resume(model_dir, ckpt, config)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(list(sharding.LOGICAL_AXIS_RULES)):
+      state, meta = restore_or_init(setup, ckpt, config, set_aside=True)
+      if is_chief:
+        _write_records(model_dir, config, operative_config)
+      writer = metrics_lib.MetricsWriter(model_dir, enabled=is_chief)
+      step = int(state.step)
+      if step >= config.train_steps:
+        metrics_lib.log(f"step {step} >= train_steps {config.train_steps}: nothing to do")
+        return Outcome(step, {})
+      if step:
+        metrics_lib.log(f"resumed from step {step} in {ckpt.directory}")
+      # Resuming keeps the checkpoint's data sharding unless the config sets one,
+      # so the data order is the same on any number of processes.
+      data_shards = config.data_shards or meta.get("data_shards") or jax.process_count()
+      batches = _Data(config, "train", shuffle=True, num_shards=data_shards).batches(
+          skip=int(meta["batches_consumed"]))
+      return _loop(config, setup, ckpt, writer, preemption, state, batches, data_shards,
+                   denoiser_names)
+  finally:
+    preemption.close()
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+
+
+def _loop(config: TrainConfig, setup: Setup, ckpt: checkpoint_lib.Checkpointer,
+          writer: metrics_lib.MetricsWriter, preemption: _Preemption,
+          state: trainer.TrainState, batches: Iterator[dict[str, np.ndarray]],
+          data_shards: int, denoiser_names: list[str]) -> Outcome:
+  """Steps from `state.step` to `config.train_steps`: log, save and eval when it is
+  time. Ctrl-C saves the step it is at (unless diverged), then stops."""
+  is_chief = jax.process_index() == 0
   lengths = config.task_feature_lengths
   tokens_per_step = config.batch_size * (lengths["inputs"] + lengths["targets"])
   flops_per_step = (model_lib.flops_per_token(config.model, lengths["inputs"],
                                               lengths["targets"])
                     * config.batch_size * lengths["targets"])
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, config.peak_flops_per_device)
+  dropout_key = jax.random.key(config.random_seed + 1)
   last: dict[str, float] = {}
-  finite = True  # Every step so far was finite: kept on device, read when logging or
-  # saving, so a diverged state is never saved.
+  sums, steps_in_period, finite = None, 0, jnp.bool_(True)
+  unigram = None  # The eval's baseline, made at the first eval.
+  stopwatch = metrics_lib.Stopwatch()
+  step = int(state.step)
   try:
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(list(sharding.LOGICAL_AXIS_RULES)):
-      state, meta = restore_or_init(setup, ckpt, config)
-      step = int(state.step)
-      if step >= config.train_steps:
-        metrics_lib.log(f"step {step} >= train_steps {config.train_steps}: nothing to do")
-        return last
-      if step:
-        metrics_lib.log(f"resumed from step {step} in {ckpt.directory}")
-      # Resuming keeps the checkpoint's data sharding unless the config sets one,
-      # so the data order is the same on any number of processes.
-      data = _Data(config, "train", shuffle=True,
-                   num_shards=config.data_shards or meta.get("data_shards"))
-      batches = data.batches(skip=int(meta["batches_consumed"]))
-      dropout_key = jax.random.key(config.random_seed + 1)
-      sums, steps_in_period = None, 0
-      unigram = None  # The eval's baseline, made at the first eval.
-      stopwatch = metrics_lib.Stopwatch()
-      while step < config.train_steps:
-        batch = global_batch(next(batches), setup.batch_sharding)
-        state, out = setup.train_step(state, batch, dropout_key)
-        step += 1
-        steps_in_period += 1
-        finite = _finite(out) & finite
-        sums = out["sums"] if sums is None else jax.tree.map(jnp.add, sums, out["sums"])
-        log_now = step % config.log_period == 0 or step == config.train_steps
-        save_now = step % config.checkpoint_period == 0 or step == config.train_steps
-        if (log_now or save_now) and not bool(jax.device_get(finite)):
-          good = ckpt.latest_step()
-          raise Diverged(
-              f"the loss or the gradient norm is not finite by step {step} (loss "
-              f"{float(jax.device_get(out['sums']['loss'])):g}, grad norm "
-              f"{float(jax.device_get(out['grad_norm'])):g}); stopped without saving. "
-              + (f"The last good checkpoint is step {good} in {ckpt.directory}." if good
-                 is not None else "No checkpoint was written."))
-        if log_now:
-          host = jax.device_get({"sums": sums, "grad_norm": out["grad_norm"],
-                                 "learning_rate": out["learning_rate"]})
-          seconds = stopwatch.lap() / steps_in_period
-          last = metrics_lib.summarize(host["sums"], denoiser_names)
-          last.update(tokens_per_second=tokens_per_step / seconds,
-                      steps_per_second=1.0 / seconds,
-                      learning_rate=float(host["learning_rate"]),
-                      grad_norm=float(host["grad_norm"]),
-                      eta_seconds=seconds * (config.train_steps - step))
-          if peak:
-            last["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
-          writer.write(step, last)
-          if is_chief:
-            metrics_lib.log(metrics_lib.console_line(step, config.train_steps, last,
-                                                     denoiser_names))
-          sums, steps_in_period = None, 0
-        if save_now:
-          ckpt.save(step, state.params, state.opt_state,
-                    _meta(config, step, data.num_shards))
-        if config.eval_period and (step % config.eval_period == 0
-                                   or step == config.train_steps):
-          if unigram is None:
-            unigram = unigram_log_probs(config)
-          eval_metrics = evaluate(setup, state.params, config, denoiser_names, unigram)
-          writer.write(step, eval_metrics, kind="eval")
-          if is_chief:
-            metrics_lib.log(eval_line(step, eval_metrics))
-          last.update(eval_metrics)
-          stopwatch.lap()  # Eval time is not training time.
+    while step < config.train_steps:
+      batch = global_batch(next(batches), setup.batch_sharding)
+      state, out = setup.train_step(state, batch, dropout_key)
+      step += 1
+      steps_in_period += 1
+      finite = _finite(out) & finite
+      sums = out["sums"] if sums is None else jax.tree.map(jnp.add, sums, out["sums"])
+      preempted = preemption.reached(step)
+      log_now = itstime(step, config.log_period, config.train_steps)
+      save_now = itstime(step, config.checkpoint_period, config.train_steps) or preempted
+      if (log_now or save_now) and not bool(jax.device_get(finite)):
+        good = ckpt.latest_step()
+        raise Diverged(
+            f"the loss or the gradient norm is not finite by step {step} (loss "
+            f"{float(jax.device_get(out['sums']['loss'])):g}, grad norm "
+            f"{float(jax.device_get(out['grad_norm'])):g}); stopped without saving. "
+            + (f"The last good checkpoint is step {good} in {ckpt.directory}." if good
+               is not None else "No checkpoint was written."))
+      if log_now:
+        host = jax.device_get({"sums": sums, "grad_norm": out["grad_norm"],
+                               "learning_rate": out["learning_rate"]})
+        seconds = stopwatch.lap() / steps_in_period
+        last = metrics_lib.summarize(host["sums"], denoiser_names)
+        last.update(tokens_per_second=tokens_per_step / seconds,
+                    steps_per_second=1.0 / seconds,
+                    learning_rate=float(host["learning_rate"]),
+                    grad_norm=float(host["grad_norm"]),
+                    eta_seconds=seconds * (config.train_steps - step))
+        if peak:
+          last["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
+        writer.write(step, last)
+        if is_chief:
+          metrics_lib.log(metrics_lib.console_line(step, config.train_steps, last,
+                                                   denoiser_names))
+        sums, steps_in_period = None, 0
+      if save_now:
+        ckpt.save(step, state.params, state.opt_state, _meta(config, step, data_shards))
+      if preempted:
+        ckpt.wait()
+        metrics_lib.log(f"preempted (SIGTERM): saved step {step} in {ckpt.directory}; "
+                        "run the same command to resume")
+        return Outcome(step, last, preempted=True)
+      if config.eval_period and itstime(step, config.eval_period, config.train_steps):
+        if unigram is None:
+          unigram = unigram_log_probs(config)
+        eval_metrics = evaluate(setup, state.params, config, denoiser_names, unigram)
+        writer.write(step, eval_metrics, kind="eval")
+        if is_chief:
+          metrics_lib.log(eval_line(step, eval_metrics))
+        last.update(eval_metrics)
+        stopwatch.lap()  # Eval time is not training time.
   except KeyboardInterrupt:
-    # Keep the work done: save where we are, then stop.
-    if ("state" in locals() and int(state.step) != ckpt.latest_step()
+    if (not state.step.is_deleted() and int(state.step) not in ckpt.all_steps()
         and bool(jax.device_get(finite))):
       metrics_lib.log(f"interrupted: saving step {int(state.step)}")
       ckpt.save(int(state.step), state.params, state.opt_state,
-                _meta(config, int(state.step),
-                      data.num_shards if "data" in locals() else None))
+                _meta(config, int(state.step), data_shards))
     raise
+  return Outcome(step, last)
+
+
+def eval_config(model_dir: str, settings: model_settings.ModelSettings,
+                eval_steps: int | None = None, split: str | None = None) -> TrainConfig:
+  """The TrainConfig `ul2 eval` runs: the training run's settings, read as data."""
+  run = settings.run
+  return TrainConfig(
+      model_dir=str(model_dir), mixture_or_task_name=settings.mixture_or_task_name,
+      task_feature_lengths=dict(settings.task_feature_lengths), train_steps=1,
+      batch_size=int(run.get("batch_size", 16)), model=settings.model,
+      loss=trainer.LossConfig(**run.get("loss", {})),
+      random_seed=int(run.get("random_seed", 0)), pack=bool(run.get("pack", True)),
+      eval_steps=eval_steps or int(run.get("eval_steps", 20)),
+      eval_split=split or str(run.get("eval_split", "validation")))
+
+
+def evaluate_checkpoint(config: TrainConfig, denoiser_names: list[str],
+                        step: int | None = None) -> tuple[dict[str, float], int]:
+  """`evaluate` on a checkpoint's parameters: `step`, or the newest that verifies."""
+  setup = build(config, max(len(denoiser_names), 1))
+  ckpt = checkpoint_lib.Checkpointer(config.model_dir, read_only=True)
+  try:
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(list(sharding.LOGICAL_AXIS_RULES)):
+      step, params = ckpt.restore_params(_abstract_state(setup).params, step,
+                                         warn=metrics_lib.warn)
+      return evaluate(setup, params, config, denoiser_names,
+                      unigram_log_probs(config)), step
   finally:
     ckpt.close()
-    writer.close()
-  return last
 
 
 def load_params(model_dir: str, config: model_lib.ModelConfig, step: int | None = None,
                 mesh: jax.sharding.Mesh | None = None) -> tuple[Any, int]:
-  """The parameters of a checkpoint in `model_dir` (the latest unless `step`)."""
-  ckpt = checkpoint_lib.Checkpointer(model_dir, read_only=True)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise ValueError(f"no checkpoint in {ckpt.directory}")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; "
-                     f"there are steps {sorted(steps)}")
+  """The parameters of a checkpoint in `model_dir`: `step`, or the newest one that
+  restores and verifies (skipping bad ones with a warning)."""
   mesh = sharding.make_mesh(sharding.MeshConfig()) if mesh is None else mesh
   model = model_lib.Transformer(config)
   init_batch = dummy_batch(sharding.data_parallel_size(mesh), {"inputs": 1, "targets": 1})
-  with jax.set_mesh(mesh):
-    boxed = jax.eval_shape(lambda r: model.init({"params": r}, **init_batch)["params"],
-                           jax.random.key(0))
-    shardings = sharding.logical_to_mesh(nn.get_partition_spec(boxed), mesh)
-    abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-    params, _, _ = ckpt.restore(step, abstract)
-  ckpt.close()
+  ckpt = checkpoint_lib.Checkpointer(model_dir, read_only=True)
+  try:
+    with jax.set_mesh(mesh):
+      boxed = jax.eval_shape(lambda r: model.init({"params": r}, **init_batch)["params"],
+                             jax.random.key(0))
+      shardings = sharding.logical_to_mesh(nn.get_partition_spec(boxed), mesh)
+      abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+      step, params = ckpt.restore_params(abstract, step, warn=metrics_lib.warn)
+  finally:
+    ckpt.close()
   return params, step

@@ -22,8 +22,7 @@ import pathlib
 import sys
 from typing import Callable, Sequence
 
-# Before anything imports TensorFlow or JAX: quiet TensorFlow's C++ logging.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from ul2 import quiet  # Before anything imports TensorFlow or JAX.
 
 
 class UserError(Exception):
@@ -133,6 +132,10 @@ def _denoiser_names(task_name: str) -> list[str]:
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
   _gin_arguments(parser)
   parser.add_argument("--model_dir", help="output directory (sets the MODEL_DIR macro)")
+  _process_arguments(parser)
+
+
+def _process_arguments(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group(
       "multi-process", "default: UL2_COORDINATOR_ADDRESS / UL2_NUM_PROCESSES / "
       "UL2_PROCESS_ID, else JAX's cluster detection (TPU VM, SLURM), else one process")
@@ -145,42 +148,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
   _initialize_distributed(args)
   import gin  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   from ul2 import loop  # pylint: disable=import-outside-toplevel
   config = _train_config(args, default_files=[str(DEFAULT_RUN)])
-  names = _denoiser_names(config.mixture_or_task_name)
-  model_dir = _checked(loop.prepare_model_dir, config.model_dir)
-  if jax.process_index() == 0:
-    (model_dir / "config.gin").write_text(gin.operative_config_str())
-    _write_model_settings(model_dir, config)
+  _denoiser_names(config.mixture_or_task_name)  # An unknown task is one line, early.
   print(f"ul2 train: {config.mixture_or_task_name}, {config.train_steps} steps of "
-        f"{config.batch_size} x {dict(config.task_feature_lengths)} -> {model_dir}",
+        f"{config.batch_size} x {dict(config.task_feature_lengths)} -> {config.model_dir}",
         flush=True)
   try:
-    _checked(loop.train, config, names)
+    outcome = _checked(loop.train, config, operative_config=gin.operative_config_str())
   except loop.Diverged as e:
     if os.environ.get("UL2_TRACEBACK"):
       raise
     raise UserError(str(e)) from e
+  del outcome  # Finished, or saved on SIGTERM: both end well.
   return 0
-
-
-def _write_model_settings(model_dir: pathlib.Path, config) -> None:
-  """DIR/model_config.json: the model, vocabulary and lengths as data, for readers
-  that must not execute config.gin (`ul2 infer`; see ul2.model_settings)."""
-  import seqio  # pylint: disable=import-outside-toplevel
-  import tasks  # pylint: disable=import-outside-toplevel,unused-import  (registers tasks)
-  from ul2 import model_settings  # pylint: disable=import-outside-toplevel
-  task = seqio.get_mixture_or_task(config.mixture_or_task_name)
-  vocab = (task.tasks if isinstance(task, seqio.Mixture) else [task])[0].output_features[
-      "targets"].vocabulary
-  vocab_path = str(vocab.sentencepiece_model_file)
-  if "://" not in vocab_path:
-    vocab_path = os.path.abspath(vocab_path)
-  model_settings.write(model_dir, model_settings.ModelSettings(
-      model=config.model, vocab_path=vocab_path,
-      extra_ids=vocab.extra_ids, task_feature_lengths=dict(config.task_feature_lengths),
-      mixture_or_task_name=config.mixture_or_task_name))
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
@@ -204,41 +185,37 @@ def _checked(fn, *args, **kwargs):
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-  _train_arguments(parser)
-  parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  parser.add_argument("--model_dir", required=True, help="a `ul2 train` model_dir")
+  parser.add_argument("--step", type=int, help="checkpoint step (default: the newest that "
+                      "restores and verifies)")
+  parser.add_argument("--eval_steps", type=int, help="batches (default: the run's)")
+  parser.add_argument("--split", help="default: the run's eval split")
+  _process_arguments(parser)
 
 
 @verb("eval", "evaluate a checkpoint on the validation split", _eval_arguments)
 def _eval(args: argparse.Namespace) -> int:
+  """The run's settings come from DIR/model_config.json: config.gin is never executed."""
   _initialize_distributed(args)
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from ul2 import checkpoint, loop, metrics, sharding  # pylint: disable=import-outside-toplevel
-  if not args.model_dir:
-    raise UserError("--model_dir is required")
-  config = _train_config(args, default_files=[_run_config(args.model_dir)])
+  from ul2 import loop, metrics, model_settings  # pylint: disable=import-outside-toplevel
+  if args.extra:
+    raise UserError(f"unrecognised argument {args.extra[0]!r} (ul2 eval takes the run's "
+                    "settings from DIR/model_config.json, not from gin)")
+  settings = _checked(model_settings.read, args.model_dir)
+  config = _checked(loop.eval_config, args.model_dir, settings, eval_steps=args.eval_steps,
+                    split=args.split)
   names = _denoiser_names(config.mixture_or_task_name)
-  setup = _checked(loop.build, config, max(len(names), 1))
-  ckpt = checkpoint.Checkpointer(config.model_dir, read_only=True)
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(list(sharding.LOGICAL_AXIS_RULES)):
-    if ckpt.latest_step() is None:
-      raise UserError(f"no checkpoint in {ckpt.directory}")
-    state, _ = _checked(loop.restore_or_init, setup, ckpt, config, args.step)
-    result = loop.evaluate(setup, state.params, config, names, loop.unigram_log_probs(config))
-  ckpt.close()
-  step = int(state.step)
-  writer = metrics.MetricsWriter(config.model_dir, enabled=jax.process_index() == 0)
-  writer.write(step, result, kind="eval")
-  writer.close()
-  print(json.dumps({"step": step, **result}))
+  result, step = _checked(loop.evaluate_checkpoint, config, names, args.step)
+  print(json.dumps({"step": step, **result}), flush=True)
+  try:
+    writer = metrics.MetricsWriter(config.model_dir, enabled=jax.process_index() == 0)
+    writer.write(step, result, kind="eval")
+    writer.close()
+  except OSError as e:
+    print(f"ul2 eval: warning: could not record the result in {config.model_dir}: "
+          f"{e.strerror or e}", file=sys.stderr)
   return 0
-
-
-def _run_config(model_dir: str) -> str:
-  path = pathlib.Path(model_dir) / "config.gin"
-  if not path.is_file():
-    raise UserError(f"{path} not found: is {model_dir!r} a `ul2 train` model_dir?")
-  return str(path)
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
@@ -339,28 +316,30 @@ def _stats_table(rows: Sequence[dict]) -> str:
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model_dir", required=True, help="a `ul2 train` model_dir")
-  parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  parser.add_argument("--step", type=int, help="checkpoint step (default: the newest that "
+                      "restores and verifies)")
   parser.add_argument("--output_dir", required=True,
                       help="where to write the Hugging Face T5 model and tokenizer")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the model files in a non-empty --output_dir")
 
 
 @verb("export", "export a checkpoint to Hugging Face T5 format", _export_arguments)
 def _export(args: argparse.Namespace) -> int:
-  import seqio  # pylint: disable=import-outside-toplevel
-  import tasks  # pylint: disable=import-outside-toplevel,unused-import
-  from ul2 import export, loop  # pylint: disable=import-outside-toplevel
-  args.gin_file, args.gin_search_path = [], []
-  config = _train_config(args, default_files=[_run_config(args.model_dir)])
-  params, step = _checked(loop.load_params, args.model_dir, config.model, args.step)
-  try:
-    task = seqio.get_mixture_or_task(config.mixture_or_task_name)
-  except ValueError as e:
-    raise UserError(_one_line(e)) from e
-  tasks_ = task.tasks if isinstance(task, seqio.Mixture) else [task]
-  vocab = tasks_[0].output_features["targets"].vocabulary
-  _checked(export.save_hf, params, config.model, vocab.sentencepiece_model_file,
-           args.output_dir)
-  print(f"ul2 export: step {step} of {args.model_dir} -> {args.output_dir} "
+  """The model comes from DIR/model_config.json: config.gin is never executed."""
+  from ul2 import export, loop, model_settings  # pylint: disable=import-outside-toplevel
+  if args.extra:
+    raise UserError(f"unrecognised argument {args.extra[0]!r}")
+  out = pathlib.Path(args.output_dir)
+  if out.exists() and not out.is_dir():
+    raise UserError(f"--output_dir {out} is a file, not a directory")
+  if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    raise UserError(f"--output_dir {out} is not empty; pass --overwrite to replace the "
+                    "model files in it")
+  settings = _checked(model_settings.read, args.model_dir)
+  params, step = _checked(loop.load_params, args.model_dir, settings.model, args.step)
+  _checked(export.save_hf, params, settings.model, settings.vocab_path, out)
+  print(f"ul2 export: step {step} of {args.model_dir} -> {out} "
         "(transformers.T5ForConditionalGeneration / AutoTokenizer format)")
   return 0
 
@@ -485,14 +464,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs one verb. What goes wrong is one line on stderr: exit 2 for bad input, 1 for
+  anything else (its root cause), 130 for Ctrl-C; UL2_TRACEBACK=1 shows tracebacks."""
   argv = list(sys.argv[1:] if argv is None else argv)
   args, extra = build_parser().parse_known_args(argv)
   args.extra = extra
+  verbose = bool(os.environ.get("UL2_TRACEBACK"))
+  quiet.startup(verbose)
   try:
     return VERBS[args.verb][2](args) or 0
   except UserError as e:
     print(f"ul2 {args.verb}: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"ul2 {args.verb}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    if verbose:
+      raise
+    print(f"ul2 {args.verb}: error: {quiet.root_cause(e)} (UL2_TRACEBACK=1 shows where)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -157,3 +157,8 @@ class Stopwatch:
 
 def log(message: str) -> None:
   print(message, file=sys.stdout, flush=True)
+
+
+def warn(message: str) -> None:
+  """A warning the user can act on: one line on stderr."""
+  print(message, file=sys.stderr, flush=True)

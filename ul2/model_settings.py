@@ -7,8 +7,9 @@
 
 Readers of a model_dir (`ul2 infer`) take the model from here and never execute
 `config.gin`: a model_dir is data, and a stranger's config.gin may bind anything.
-The file holds the `ModelConfig` fields, the vocabulary and the feature lengths,
-in plain JSON; unknown keys are an error, so a newer file is not half-read.
+The file holds the `ModelConfig` fields, the vocabulary, the feature lengths and
+the settings `ul2 eval` needs (`run`: batch size, seed, eval split and steps, loss),
+in plain JSON; unknown model keys are an error, so a newer file is not half-read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Mapping
+from typing import Any, Mapping
 
 from ul2.model import ModelConfig
 
@@ -31,6 +32,24 @@ class ModelSettings:
   extra_ids: int
   task_feature_lengths: Mapping[str, int]
   mixture_or_task_name: str
+  run: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# The fields that decide the parameters' shapes, structure or meaning: a checkpoint
+# is only restored under the same values. (dtype, dropout, remat and the attention
+# implementation may change between runs.)
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
+                       "num_encoder_layers", "num_decoder_layers", "activation",
+                       "relative_attention_num_buckets", "relative_attention_max_distance",
+                       "tie_word_embeddings", "final_decoder_norm_scale", "scan_layers",
+                       "layer_norm_epsilon")
+
+
+def architecture_differences(saved: ModelConfig, configured: ModelConfig) -> list[str]:
+  """'field: saved -> configured' for each architecture field that differs."""
+  return [f"{name} {getattr(saved, name)!r} (checkpoint) vs {getattr(configured, name)!r} "
+          "(config)" for name in ARCHITECTURE_FIELDS
+          if getattr(saved, name) != getattr(configured, name)]
 
 
 def write(model_dir: str | os.PathLike, settings: ModelSettings) -> pathlib.Path:
@@ -38,7 +57,7 @@ def write(model_dir: str | os.PathLike, settings: ModelSettings) -> pathlib.Path
   record = {"model": dataclasses.asdict(settings.model), "vocab_path": settings.vocab_path,
             "extra_ids": settings.extra_ids,
             "task_feature_lengths": dict(settings.task_feature_lengths),
-            "mixture_or_task_name": settings.mixture_or_task_name}
+            "mixture_or_task_name": settings.mixture_or_task_name, "run": dict(settings.run)}
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(record, indent=2) + "\n")
   tmp.replace(path)
@@ -67,6 +86,7 @@ def read(model_dir: str | os.PathLike) -> ModelSettings:
                          extra_ids=int(record["extra_ids"]),
                          task_feature_lengths={k: int(v) for k, v in
                                                record["task_feature_lengths"].items()},
-                         mixture_or_task_name=str(record["mixture_or_task_name"]))
+                         mixture_or_task_name=str(record["mixture_or_task_name"]),
+                         run=dict(record.get("run", {})))
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path} is not a valid model settings file: {e}") from e
