@@ -311,7 +311,7 @@ def test_sigterm_saves_the_current_step_and_the_resume_is_exact(straight, tmp_pa
   finally:
     proc.kill()
   assert proc.returncode == 0, err[-3000:]
-  (saved,) = _steps(model_dir)  # Not a checkpoint period: the step it was at.
+  saved = max(_steps(model_dir))  # The step it was at (and periodic ones before).
   assert f"preempted (SIGTERM): saved step {saved}" in out and saved >= 2
   assert max(_losses(model_dir)) == saved
   assert "Traceback" not in err
@@ -352,3 +352,59 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_checkpoints(straight
   assert _steps(model_dir) == [4]
   assert main.main(["train", *RUN, f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=8"]) == 0
   assert _losses(model_dir) == _losses(straight)
+
+
+@pytest.mark.slow
+def test_eval_on_storage_it_cannot_write_prints_its_result_then_warns(straight, tmp_path,
+                                                                      capsys):
+  model_dir = _copy(straight, tmp_path)
+  (model_dir / "metrics.jsonl").unlink()
+  (model_dir / "metrics.jsonl").mkdir()  # Writing it fails, as on read-only storage.
+  capsys.readouterr()
+  assert main.main(["eval", f"--model_dir={model_dir}", "--eval_steps=1"]) == 0
+  out = capsys.readouterr()
+  result = json.loads(out.out.strip().splitlines()[-1])
+  assert result["step"] == 8 and np.isfinite(result["eval/loss"])
+  (warning,) = out.err.strip().splitlines()
+  assert warning.startswith("ul2 eval: warning: could not record the result in ")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_one_step_on_both(tmp_path):
+  """JAX's preemption service: the process that gets SIGTERM tells the other; both
+  stop at the same step, write its checkpoint together and exit 0; the resume on one
+  process continues with the losses of an uninterrupted run."""
+  model_dir = tmp_path / "two"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["UL2"] = str(REPO / ".venv" / "bin" / "ul2") if (REPO / ".venv" / "bin" / "ul2").exists() \
+      else "ul2"
+  launcher = subprocess.Popen(
+      ["bash", str(REPO / "launch" / "local.sh"), "-n", "2", "-d", "4", "-l",
+       str(tmp_path / "logs"), "--", *RUN, f"--model_dir={model_dir}",
+       "--gin.TRAIN_STEPS=100000", "--gin.loop.TrainConfig.data_shards=2"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+  try:
+    _wait_for_step(model_dir, launcher, 2, timeout=400)
+    workers = subprocess.run(["pgrep", "-f", f"model_dir={model_dir}"], capture_output=True,
+                             text=True).stdout.split()
+    ul2_pids = [int(p) for p in workers if int(p) != launcher.pid]
+    assert len(ul2_pids) == 2, workers
+    os.kill(max(ul2_pids), signal.SIGTERM)  # Process 1 only (started last).
+    out, err = launcher.communicate(timeout=180)
+  finally:
+    launcher.kill()
+  assert launcher.returncode == 0, (out[-2000:], err[-2000:])
+  saved = max(_steps(model_dir))
+  assert f"preempted (SIGTERM): saved step {saved}" in out
+  assert max(_losses(model_dir)) == saved
+  meta = json.loads((model_dir / "checkpoints" / str(saved) / "meta" / "metadata").read_text())
+  assert meta["process_count"] == 2 and meta["step"] == saved
+  # The same global batches on one process: data_shards=2 (see test_multihost).
+  one = ["train", *RUN, "--gin.TRAIN_STEPS=8", "--gin.loop.TrainConfig.data_shards=2"]
+  if saved < 8:
+    assert main.main([*one, f"--model_dir={model_dir}"]) == 0
+  assert main.main([*one, f"--model_dir={tmp_path / 'reference'}"]) == 0
+  losses = _losses(model_dir)
+  reference = _losses(tmp_path / "reference")
+  np.testing.assert_allclose([losses[s] for s in range(1, 9)],
+                             [reference[s] for s in range(1, 9)], rtol=1e-5)

@@ -1,5 +1,7 @@
 """The package, its bundled corpus and vocabulary, and the `ul2` command."""
 
+import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -74,3 +76,26 @@ def test_cli_help_lists_the_verbs():
                        capture_output=True, text=True, check=True).stdout
   for verb in ("train", "eval", "inspect", "export", "plan"):
     assert verb in out
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_finds_its_gin_files_and_assets(tmp_path):
+  """`pip install .` (a wheel, not the checkout) carries the gin files, the corpus and
+  the vocabulary; `ul2` resolves "gin/runs/local_tiny.gin" from any directory."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                  "-q", "-w", str(tmp_path / "wheel"), str(repo)], check=True,
+                 capture_output=True, cwd=tmp_path)
+  (wheel,) = (tmp_path / "wheel").glob("ul2-*.whl")
+  subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                  str(tmp_path / "site"), str(wheel)], check=True, capture_output=True)
+  code = ("import ul2, pathlib; from ul2 import assets, main\n"
+          "assert pathlib.Path(ul2.__file__).is_relative_to(pathlib.Path.cwd()), ul2.__file__\n"
+          "main.parse_gin(['gin/runs/local_tiny.gin', 'gin/experiments/custom_mixture.gin'], [])\n"
+          "assert main.DEFAULT_RUN.is_file() and assets.VOCAB_PATH.is_file()\n"
+          "assert assets.TRAIN_TEXT.stat().st_size > 1_000_000\n"
+          "import tasks; print('ok')\n")
+  env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=tmp_path / "site", env=env)
+  assert out.stdout.strip() == "ok", out.stderr[-2000:]

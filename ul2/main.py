@@ -64,8 +64,11 @@ def split_gin_overrides(extra: Sequence[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- gin
 
-REPO_GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
-DEFAULT_RUN = REPO_GIN_DIR / "runs" / "local_tiny.gin"
+# The gin files ship inside the package (`gin/` in a checkout links here), so an
+# installed ul2 finds "gin/runs/local_tiny.gin" and "runs/local_tiny.gin" anywhere.
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+GIN_DIR = PACKAGE_DIR / "gin"
+DEFAULT_RUN = GIN_DIR / "runs" / "local_tiny.gin"
 
 
 def _one_line(error: BaseException) -> str:
@@ -80,16 +83,16 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   paths = list(search_paths)
   for f in gin_files:  # gin/runs/x.gin includes 'models/tiny.gin': search gin/.
     paths += [str(pathlib.Path(f).parent.parent), str(pathlib.Path(f).parent)]
-  paths += [str(REPO_GIN_DIR), os.getcwd()]
+  paths += [str(GIN_DIR), str(PACKAGE_DIR), os.getcwd()]
   for path in dict.fromkeys(paths):
     gin.add_config_file_search_path(path)
   for f in gin_files:
     if not any((pathlib.Path(p) / f).is_file() for p in paths) and not os.path.isfile(f):
       raise UserError(f"gin file {f!r} not found")
   # gin logs "Path not found" for every search path an include is not under.
-  quiet = logging.Filter()
-  quiet.filter = lambda record: not str(record.msg).startswith("Path not found")
-  logging.getLogger().addFilter(quiet)
+  path_noise = logging.Filter()
+  path_noise.filter = lambda record: not str(record.msg).startswith("Path not found")
+  logging.getLogger().addFilter(path_noise)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings),
                                         finalize_config=False)
@@ -97,7 +100,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
           IOError) as e:
     raise UserError(f"bad gin configuration: {_one_line(e)}") from e
   finally:
-    logging.getLogger().removeFilter(quiet)
+    logging.getLogger().removeFilter(path_noise)
 
 
 def configured(cls):
