@@ -408,3 +408,18 @@ def test_sigterm_to_one_of_two_processes_saves_one_step_on_both(tmp_path):
   reference = _losses(tmp_path / "reference")
   np.testing.assert_allclose([losses[s] for s in range(1, 9)],
                              [reference[s] for s in range(1, 9)], rtol=1e-5)
+
+
+def test_a_step_that_cannot_fit_is_one_line_before_it_runs():
+  from ul2 import compiler  # pylint: disable=import-outside-toplevel
+  step = jax.jit(lambda x: (jnp.sin(x) @ x.T).sum())
+  x = jnp.ones((512, 512))
+  need = compiler.memory_bytes(step.lower(x).compile())
+  assert need >= x.nbytes
+  assert float(compiler.compile_fitting(step, x, limit=(need, 1))(x)) == pytest.approx(
+      float(step(x)))
+  with pytest.raises(ValueError, match=r"the train step needs 0\.00 GiB per device, more "
+                     r"than the 0\.00 GiB each of the 2 device\(s\) has; lower BATCH_SIZE"):
+    compiler.compile_fitting(step, x, limit=(need, 2))
+  available, sharing = compiler.device_memory()
+  assert available > 2**30 and sharing == jax.local_device_count()  # CPU: the host's RAM.

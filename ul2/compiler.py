@@ -13,9 +13,16 @@ several times slower than XLA's own emitters. Measured on 2 cores, float32:
     (benchmarks/model_bench.py).
 
 So on CPU ul2 keeps YNNPACK for dots only. Other backends get no options.
+
+`compile_fitting` compiles a step and checks XLA's memory analysis of it against
+the device's memory before it runs, so lengths that cannot fit are one line
+instead of an out-of-memory error (or, on CPU, the kernel's OOM kill).
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import jax
 
@@ -26,3 +33,46 @@ def compiler_options(backend: str | None = None) -> dict[str, str] | None:
   """Options for `jax.jit(..., compiler_options=...)` on `backend` (default: JAX's)."""
   backend = backend or jax.default_backend()
   return dict(CPU_OPTIONS) if backend == "cpu" else None
+
+
+def memory_bytes(compiled: jax.stages.Compiled) -> int | None:
+  """Bytes one device needs to run `compiled`: arguments, outputs and temporaries,
+  less the donated buffers its outputs reuse (XLA's memory analysis)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes)
+
+
+def device_memory(device: jax.Device | None = None) -> tuple[int | None, int]:
+  """(bytes, devices sharing them): a GPU's or TPU's allocator limit, one device; on
+  CPU, the host's physical memory, shared by all of its local devices."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), 1
+  if device.platform == "cpu":
+    try:
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), jax.local_device_count()
+    except (ValueError, OSError):
+      return None, 1
+  return None, 1
+
+
+def compile_fitting(jitted: Any, *args: Any, what: str = "the train step",
+                    limit: tuple[int | None, int] | None = None) -> jax.stages.Compiled:
+  """Compiles `jitted` for `args` and checks that it fits the device's memory (`limit`:
+  `device_memory()` unless given); a ValueError in one line if it does not, before
+  anything runs. The compiled step is what the caller then runs."""
+  compiled = jitted.lower(*args).compile()
+  need = memory_bytes(compiled)
+  available, sharing = limit or device_memory()
+  if need is not None and available and need * sharing > available:
+    per_device = available / sharing
+    raise ValueError(
+        f"{what} needs {need / 2**30:.2f} GiB per device, more than the "
+        f"{per_device / 2**30:.2f} GiB each of the {sharing} device(s) has; lower "
+        "BATCH_SIZE or TASK_FEATURE_LENGTHS, raise loop.TrainConfig.num_microbatches, or set "
+        "model.ModelConfig.remat_policy (`ul2 plan` estimates this before a run)")
+  return compiled

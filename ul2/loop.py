@@ -507,10 +507,13 @@ def _loop(config: TrainConfig, setup: Setup, ckpt: checkpoint_lib.Checkpointer,
   unigram = None  # The eval's baseline, made at the first eval.
   stopwatch = metrics_lib.Stopwatch()
   step = int(state.step)
+  train_step = None  # Compiled at the first batch, once it is known to fit.
   try:
     while step < config.train_steps:
       batch = global_batch(next(batches), setup.batch_sharding)
-      state, out = setup.train_step(state, batch, dropout_key)
+      if train_step is None:
+        train_step = compiler.compile_fitting(setup.train_step, state, batch, dropout_key)
+      state, out = train_step(state, batch, dropout_key)
       step += 1
       steps_in_period += 1
       finite = _finite(out) & finite

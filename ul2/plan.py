@@ -178,7 +178,7 @@ def make_plan(config, num_devices: int, mesh_config=None,
   """Compiles `config`'s train step for `num_devices` devices; nothing is allocated."""
   import jax  # pylint: disable=import-outside-toplevel
   from ul2 import attention, losses  # pylint: disable=import-outside-toplevel
-  from ul2 import model as model_lib, sharding  # pylint: disable=import-outside-toplevel
+  from ul2 import compiler, model as model_lib, sharding  # pylint: disable=import-outside-toplevel
   if mesh_config is not None:
     config = dataclasses.replace(config, mesh=mesh_config)
   devices = jax.devices()[:num_devices]
@@ -212,8 +212,7 @@ def make_plan(config, num_devices: int, mesh_config=None,
   opt_total, opt_device = _shard_bytes(setup.abstract_state.opt_state,
                                        setup.state_shardings.opt_state)
   memory = compiled.memory_analysis()
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  total = compiler.memory_bytes(compiled)
   return Plan(
       model=_describe(config.model),
       num_devices=num_devices,
