@@ -128,3 +128,17 @@ def test_plan_memory_matches_a_real_step(num_devices, mesh, tmp_path):
   # The process's real peak while the step runs, all devices together (they share
   # the host's memory here), against the plan's per-device total times devices.
   assert m["measured_total"] == pytest.approx(m["plan_per_device"] * num_devices, rel=0.10)
+
+
+@pytest.mark.slow
+def test_the_plan_command_simulates_its_devices_in_a_fresh_process(tmp_path):
+  """`ul2 plan` sets the device count after start-up has imported TensorFlow (which
+  imports part of JAX) but before JAX starts a backend."""
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+      [sys.executable, "-m", "ul2.main", "plan", f"--gin_file={TINY_RUN}", "--num_devices=16",
+       "--mesh=16,1,1", "--format=json"],
+      env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout)["num_devices"] == 16
+  assert result.stderr == ""

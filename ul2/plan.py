@@ -66,11 +66,19 @@ def parse_mesh(text: str):
   return sharding.MeshConfig(*sizes)
 
 
+def _backends_started() -> bool:
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  return xla_bridge.backends_are_initialized()
+
+
 def simulate_devices(num_devices: int) -> None:
-  """Makes JAX see `num_devices` CPU devices; must run before JAX is imported."""
+  """Makes JAX see `num_devices` CPU devices; must run before JAX starts its backends
+  (importing it is fine: TensorFlow does)."""
   if num_devices < 1:
     raise ValueError(f"--num_devices must be positive, got {num_devices}")
-  if "jax" in sys.modules:  # Too late to change the platform: use what there is.
+  if _backends_started():  # Too late to change the platform: use what there is.
     import jax  # pylint: disable=import-outside-toplevel
     if jax.device_count() < num_devices:
       raise ValueError(f"JAX is already running with {jax.device_count()} devices, "
