@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ul2 import assets
 from ul2 import checkpoint
 from ul2 import main
 from ul2 import run_lock
@@ -423,3 +424,53 @@ def test_a_step_that_cannot_fit_is_one_line_before_it_runs():
     compiler.compile_fitting(step, x, limit=(need, 2))
   available, sharing = compiler.device_memory()
   assert available > 2**30 and sharing == jax.local_device_count()  # CPU: the host's RAM.
+
+
+@pytest.mark.slow
+def test_resume_restores_the_data_position_or_replays_it_with_the_same_losses(
+    straight, tmp_path, capsys):
+  """A checkpoint's data position (each shard's tf.data iterator) is restored in O(1);
+  without it (deleted, unreadable or written under other data settings) the stream
+  is replayed. Both give the uninterrupted run's losses, bit for bit."""
+  assert sorted(p.name for p in (straight / "data_state").iterdir()) == ["4", "8"]
+  assert (straight / "data_state" / "4" / "shard-00000").is_dir()
+  cases = {"restored": lambda d: None,
+           "missing": lambda d: shutil.rmtree(d / "data_state"),
+           "corrupt": lambda d: _flip_bytes(_largest_file(d / "data_state" / "4"))}
+  for name, damage in cases.items():
+    model_dir = _copy(straight, tmp_path / name)
+    shutil.rmtree(model_dir / "checkpoints" / "8")
+    damage(model_dir)
+    (model_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in _metrics(straight) if r["step"] <= 4))
+    capsys.readouterr()
+    assert main.main(["train", *RUN, f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=8"]) == 0
+    out = capsys.readouterr()
+    expected = ("its data position restored" if name == "restored"
+                else "replaying 4 batches of data")
+    assert f"resumed from step 4 in {model_dir / 'checkpoints'} ({expected})" in out.out, name
+    assert ("the data position saved with step 4 is unreadable" in out.err) == (
+        name == "corrupt"), out.err
+    assert _losses(model_dir) == _losses(straight), name
+
+
+@pytest.mark.slow
+def test_a_source_tf_data_cannot_checkpoint_falls_back_to_replay(tmp_path, capsys):
+  """JSONL files are read by a Python generator, whose position tf.data cannot save:
+  one warning, and the resume replays the stream, exactly."""
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in
+                            assets.TRAIN_TEXT.read_text().splitlines()[:400]))
+  task = tmp_path / "task.gin"
+  task.write_text("from __gin__ import dynamic_registration\nimport tasks\n"
+                  "MIXTURE_OR_TASK_NAME = @tasks.register_ul2_task()\n"
+                  "tasks.register_ul2_task.name = 'jsonl_resume'\n"
+                  f"tasks.register_ul2_task.text_glob = {str(corpus)!r}\n")
+  args = ["train", *RUN, f"--gin_file={task}", "--gin.CHECKPOINT_PERIOD=2"]
+  assert main.main([*args, f"--model_dir={tmp_path / 'a'}", "--gin.TRAIN_STEPS=4"]) == 0
+  assert main.main([*args, f"--model_dir={tmp_path / 'b'}", "--gin.TRAIN_STEPS=2"]) == 0
+  err = capsys.readouterr().err
+  assert err.count("warning: the input pipeline's position cannot be saved") == 2, err
+  assert main.main([*args, f"--model_dir={tmp_path / 'b'}", "--gin.TRAIN_STEPS=4"]) == 0
+  assert "(replaying 2 batches of data)" in capsys.readouterr().out
+  assert _losses(tmp_path / "b") == _losses(tmp_path / "a")

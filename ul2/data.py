@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -247,6 +248,65 @@ def pack(examples: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> 
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
   """Iterates a dataset of batches as dicts of numpy arrays."""
   return ds.as_numpy_iterator()
+
+
+class Stream:
+  """Batches from one process's data shards (concatenated in shard order), whose
+  position can be saved and restored in O(1): each shard's tf.data iterator is
+  checkpointed (`tf.train.Checkpoint(iterator=...)`, shuffle and prefetch buffers
+  included), instead of replaying every batch consumed so far.
+
+      stream = Stream({shard_id: get_dataset(...), ...})
+      batch = next(stream)
+      stream.save("DIR")             # DIR/shard-00003/state.* per shard
+      Stream({...same datasets...}).restore("DIR")
+  """
+
+  def __init__(self, datasets: Mapping[int, tf.data.Dataset]):
+    self._iterators = {shard_id: iter(ds) for shard_id, ds in sorted(datasets.items())}
+
+  def __iter__(self) -> "Stream":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._iterators.values()]
+    if len(parts) == 1:
+      return {k: v.numpy() for k, v in parts[0].items()}
+    return {k: np.concatenate([p[k].numpy() for p in parts]) for k in parts[0]}
+
+  @staticmethod
+  def shard_dir(directory: str, shard_id: int) -> str:
+    return f"{directory}/shard-{shard_id:05d}"
+
+  def save(self, directory: str) -> str | None:
+    """Writes each shard's position under `directory` (a shard at a time, atomically:
+    a shard directory exists only once complete). Returns why not, writing nothing
+    more, if the pipeline cannot be checkpointed (a Python generator source); write
+    errors (a full disk) raise."""
+    for shard_id, iterator in self._iterators.items():
+      final = self.shard_dir(directory, shard_id)
+      tmp = f"{final}.tmp-{os.getpid()}"
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+      try:
+        tf.train.Checkpoint(iterator=iterator).write(f"{tmp}/state")
+      except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as e:
+        if tf.io.gfile.exists(tmp):
+          tf.io.gfile.rmtree(tmp)
+        return " ".join(e.message.split())[:200]
+      if tf.io.gfile.exists(final):
+        tf.io.gfile.rmtree(final)
+      tf.io.gfile.rename(tmp, final)
+    return None
+
+  def has_state(self, directory: str) -> bool:
+    return all(tf.io.gfile.exists(self.shard_dir(directory, i)) for i in self._iterators)
+
+  def restore(self, directory: str) -> None:
+    """Puts every shard back where `save` left it (raises if any cannot be read)."""
+    for shard_id, iterator in self._iterators.items():
+      tf.train.Checkpoint(iterator=iterator).read(
+          f"{self.shard_dir(directory, shard_id)}/state").assert_consumed()
 
 
 EXAMPLE_FIELDS = ("denoiser", "mode_token", "inputs", "targets", "inputs_text", "targets_text")

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import pathlib
+import shutil
 import signal
 import threading
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -224,24 +226,76 @@ class _Data:
       raise ValueError(f"batch size {config.batch_size} is not divisible by the "
                        f"{self.num_shards} data shards")
 
-  def batches(self, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  def batches(self, skip: int = 0):
+    """A `data.Stream` of this process's shards, after `skip` batches (replayed)."""
     c = self._config
     shard_ids = distributed.process_data_shards(self.num_shards, jax.process_index(),
                                                 jax.process_count())
-    iterators = []
+    datasets = {}
     for shard_id in shard_ids:
       ds = self._data.get_dataset(
           c.mixture_or_task_name, dict(c.task_feature_lengths), split=self._split,
           batch_size=c.batch_size // self.num_shards, shuffle=self._shuffle,
           seed=c.random_seed, pack=c.pack, shard_id=shard_id,
           num_shards=self.num_shards, repeat=True)
-      if skip:
-        ds = ds.skip(skip)
-      iterators.append(self._data.as_numpy(ds))
-    if len(iterators) == 1:
-      return iterators[0]
-    return ({k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-            for parts in zip(*iterators))
+      datasets[shard_id] = ds.skip(skip) if skip else ds
+    return self._data.Stream(datasets)
+
+
+class _DataPositions:
+  """The input pipeline's position at each checkpoint: `<model_dir>/data_state/<step>/`,
+  one directory per data shard (written by the process that reads it), so a resume
+  restores the position in O(1) instead of replaying the stream.
+
+  The position is written just before the step's checkpoint, with the data settings
+  that decide the stream (task, seed, batch size, lengths, packing, data shards:
+  `settings.json`), and is only used for a checkpoint of the same step and settings;
+  the stream is a deterministic function of those, so a position left by an earlier
+  run of the same settings is still right. Otherwise, or if it cannot be read, the
+  resume replays the stream (`dataset.skip`): exact too, only slower. Sources that
+  tf.data cannot checkpoint (Python generators: JSONL files) fall back to replay.
+  """
+
+  def __init__(self, model_dir: pathlib.Path):
+    self.root = model_dir / "data_state"
+    self._enabled = True
+
+  def save(self, stream: Any, step: int, settings: Mapping[str, Any], keep: list[int]
+           ) -> None:
+    if not self._enabled:
+      return
+    directory = self.root / str(step)
+    unsupported = stream.save(str(directory))
+    if unsupported:
+      self._enabled = False
+      metrics_lib.warn(f"warning: the input pipeline's position cannot be saved ({unsupported}); "
+                       "a resume will replay the data stream instead")
+      return
+    if jax.process_index() == 0:
+      _atomic_write(directory / "settings.json", json.dumps(settings, sort_keys=True))
+    if jax.process_index() == 0:  # Drop the positions of rotated-out steps.
+      for path in self.root.iterdir():
+        if path.name.isdigit() and int(path.name) not in keep and int(path.name) != step:
+          shutil.rmtree(path, ignore_errors=True)
+
+  def restore(self, data: _Data, step: int, settings: Mapping[str, Any]):
+    """A stream at `step`'s saved position, or None if there is no usable one."""
+    directory = self.root / str(step)
+    try:
+      saved = json.loads((directory / "settings.json").read_text())
+    except (OSError, ValueError):
+      return None
+    stream = data.batches()
+    if saved != json.loads(json.dumps(settings, sort_keys=True)) or not stream.has_state(
+        str(directory)):
+      return None
+    try:
+      stream.restore(str(directory))
+    except Exception as e:  # pylint: disable=broad-except  (corrupt state)
+      metrics_lib.warn(f"warning: the data position saved with step {step} is unreadable "
+                       f"({type(e).__name__}); replaying the data stream instead")
+      return None
+    return stream
 
 
 def unigram_log_probs(config: TrainConfig) -> np.ndarray:
@@ -290,7 +344,17 @@ def eval_line(step: int, metrics: Mapping[str, float]) -> str:
 def _meta(config: TrainConfig, step: int, data_shards: int) -> dict[str, Any]:
   return {"batches_consumed": int(step), "mixture_or_task_name": config.mixture_or_task_name,
           "random_seed": config.random_seed, "batch_size": config.batch_size,
+          "task_feature_lengths": dict(config.task_feature_lengths), "pack": config.pack,
           "process_count": jax.process_count(), "data_shards": data_shards}
+
+
+_DATA_KEYS = ("mixture_or_task_name", "random_seed", "batch_size", "task_feature_lengths",
+              "pack", "data_shards")
+
+
+def _data_settings(meta: Mapping[str, Any]) -> dict[str, Any]:
+  """What decides the input pipeline's stream, from a checkpoint's meta."""
+  return {key: meta.get(key) for key in _DATA_KEYS}
 
 
 def _abstract_state(setup: Setup) -> trainer.TrainState:
@@ -472,15 +536,24 @@ def _train(config: TrainConfig, model_dir: pathlib.Path, mesh: jax.sharding.Mesh
       if step >= config.train_steps:
         metrics_lib.log(f"step {step} >= train_steps {config.train_steps}: nothing to do")
         return Outcome(step, {})
-      if step:
-        metrics_lib.log(f"resumed from step {step} in {ckpt.directory}")
       # Resuming keeps the checkpoint's data sharding unless the config sets one,
       # so the data order is the same on any number of processes.
       data_shards = config.data_shards or meta.get("data_shards") or jax.process_count()
-      batches = _Data(config, "train", shuffle=True, num_shards=data_shards).batches(
-          skip=int(meta["batches_consumed"]))
-      return _loop(config, setup, ckpt, writer, preemption, state, batches, data_shards,
-                   denoiser_names)
+      data = _Data(config, "train", shuffle=True, num_shards=data_shards)
+      positions = _DataPositions(model_dir)
+      settings = _data_settings(_meta(config, step, data_shards))
+      batches = None
+      if step and _data_settings(meta) == settings:
+        batches = positions.restore(data, step, settings)
+      if step:
+        metrics_lib.log(f"resumed from step {step} in {ckpt.directory} ("
+                        + ("its data position restored" if batches is not None else
+                           f"replaying {int(meta['batches_consumed'])} batches of data")
+                        + ")")
+      if batches is None:  # From the start, or replayed to the checkpoint's position.
+        batches = data.batches(skip=int(meta["batches_consumed"]))
+      return _loop(config, setup, ckpt, writer, preemption, state, batches, positions,
+                   data_shards, denoiser_names)
   finally:
     preemption.close()
     ckpt.close()
@@ -490,7 +563,7 @@ def _train(config: TrainConfig, model_dir: pathlib.Path, mesh: jax.sharding.Mesh
 
 def _loop(config: TrainConfig, setup: Setup, ckpt: checkpoint_lib.Checkpointer,
           writer: metrics_lib.MetricsWriter, preemption: _Preemption,
-          state: trainer.TrainState, batches: Iterator[dict[str, np.ndarray]],
+          state: trainer.TrainState, batches: Any, positions: _DataPositions,
           data_shards: int, denoiser_names: list[str]) -> Outcome:
   """Steps from `state.step` to `config.train_steps`: log, save and eval when it is
   time. Ctrl-C saves the step it is at (unless diverged), then stops."""
@@ -506,11 +579,12 @@ def _loop(config: TrainConfig, setup: Setup, ckpt: checkpoint_lib.Checkpointer,
   sums, steps_in_period, finite = None, 0, jnp.bool_(True)
   unigram = None  # The eval's baseline, made at the first eval.
   stopwatch = metrics_lib.Stopwatch()
-  step = int(state.step)
+  step = consumed = int(state.step)  # Steps done; batches taken from the stream.
   train_step = None  # Compiled at the first batch, once it is known to fit.
   try:
     while step < config.train_steps:
       batch = global_batch(next(batches), setup.batch_sharding)
+      consumed += 1
       if train_step is None:
         train_step = compiler.compile_fitting(setup.train_step, state, batch, dropout_key)
       state, out = train_step(state, batch, dropout_key)
@@ -547,7 +621,9 @@ def _loop(config: TrainConfig, setup: Setup, ckpt: checkpoint_lib.Checkpointer,
                                                    denoiser_names))
         sums, steps_in_period = None, 0
       if save_now:
-        ckpt.save(step, state.params, state.opt_state, _meta(config, step, data_shards))
+        meta = _meta(config, step, data_shards)
+        positions.save(batches, step, _data_settings(meta), keep=ckpt.all_steps())
+        ckpt.save(step, state.params, state.opt_state, meta)
       if preempted:
         ckpt.wait()
         metrics_lib.log(f"preempted (SIGTERM): saved step {step} in {ckpt.directory}; "
@@ -566,8 +642,10 @@ def _loop(config: TrainConfig, setup: Setup, ckpt: checkpoint_lib.Checkpointer,
     if (not state.step.is_deleted() and int(state.step) not in ckpt.all_steps()
         and bool(jax.device_get(finite))):
       metrics_lib.log(f"interrupted: saving step {int(state.step)}")
-      ckpt.save(int(state.step), state.params, state.opt_state,
-                _meta(config, int(state.step), data_shards))
+      meta = _meta(config, int(state.step), data_shards)
+      if consumed == int(state.step):  # Else the resume replays to the step.
+        positions.save(batches, int(state.step), _data_settings(meta), keep=ckpt.all_steps())
+      ckpt.save(int(state.step), state.params, state.opt_state, meta)
     raise
   return Outcome(step, last)
 

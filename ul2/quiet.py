@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -53,8 +54,13 @@ def root_cause(error: BaseException, limit: int = 300) -> str:
   while error.__cause__ is not None and id(error) not in seen:
     seen.add(id(error))
     error = error.__cause__
-  text = " ".join(str(error).split())
+  message = getattr(error, "message", None)  # TensorFlow's errors: without the op.
+  text = " ".join(str(message if isinstance(message, str) else error).split())
+  text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)  # "{{function_node ...}}" prefixes.
   text = f"{type(error).__name__}: {text}" if text else type(error).__name__
   if isinstance(error, OSError) and error.strerror:
     text = f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  if len(text) <= limit:
+    return text
+  half = (limit - 5) // 2  # The cause is often at the end: keep both ends.
+  return f"{text[:half]} ... {text[-half:]}"
