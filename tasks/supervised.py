@@ -115,6 +115,7 @@ def _tsv_records(path: str, inputs_key: str, targets_key: str) -> Iterator[tuple
       yield fields[i], fields[t]
 
 
+@tf.autograph.experimental.do_not_convert  # A Python generator: nothing to convert.
 def _records_dataset(path: tf.Tensor, inputs_key: str, targets_key: str) -> tf.data.Dataset:
   def generate(path: bytes):
     yield from read_records(path.decode(), inputs_key, targets_key)

@@ -21,7 +21,10 @@ NUM_EXAMPLES = 20
 @pytest.fixture(scope="module")
 def model():
   mesh = sharding.make_mesh(sharding.MeshConfig())
-  return infer.place_params(random_params(CONFIG, seed=3), CONFIG, mesh), mesh
+  params = random_params(CONFIG, seed=3)
+  # A louder EOS logit: some predictions end early, so their lengths differ.
+  params["decoder"]["logits_dense"]["kernel"][:, 1] *= 4
+  return infer.place_params(params, CONFIG, mesh), mesh
 
 
 def test_decodes_scores_and_writes_the_predictions(model, tmp_path):
@@ -41,6 +44,8 @@ def test_decodes_scores_and_writes_the_predictions(model, tmp_path):
   assert metrics["eval/local_title/accuracy"] == pytest.approx(
       100 * np.mean([l["prediction"] == l["targets"] for l in lines]))
   assert all(1 <= len(l["prediction_ids"]) <= LENGTHS["targets"] for l in lines)
+  assert len({len(l["prediction_ids"]) for l in lines}) > 1
+  assert any(l["prediction_ids"][-1] == 1 for l in lines)
 
 
 @pytest.mark.slow

@@ -105,7 +105,11 @@ class SupervisedEvaluator:
                               batch_size=self.batch_size)
       results, _ = infer.run(model, examples, options)
       predictions[task] = results
-      return [(i, r["prediction_ids"]) for i, r in zip(indices, results)]
+      # Rows of one length, 0 after EOS, as T5X's predict_batch gives them (seqio
+      # stacks them into one array, and its decode stops at EOS).
+      width = self.lengths["targets"]
+      return [(i, r["prediction_ids"] + [0] * (width - len(r["prediction_ids"])))
+              for i, r in zip(indices, results)]
 
     all_metrics, _ = self._evaluator.evaluate(compute_metrics=True, step=step,
                                               predict_fn=predict_fn)
