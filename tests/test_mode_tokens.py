@@ -20,7 +20,7 @@ def _piece(token):
   return _vocab().tokenizer.piece_to_id(token)
 
 
-def _examples(mode_tokens, n=400):
+def _examples(mode_tokens, n=250):
   name = tasks.register_ul2_task("mode_test", text_glob={"validation": str(
       assets.VALIDATION_TEXT)}, mode_tokens=mode_tokens)
   task = seqio.get_mixture_or_task(name)

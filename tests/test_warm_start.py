@@ -64,7 +64,7 @@ def test_saved_layouts_are_what_they_claim(hf_model):
 
 
 @pytest.mark.parametrize("layout", ["whole", "sharded"])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_hf_checkpoint_loads_sharded_with_equal_logits(hf_model, layout, scan):
   hf, whole, sharded = hf_model
   path = {"whole": whole, "sharded": sharded}[layout]
