@@ -9,7 +9,7 @@
   are registered by `register_supervised_task` and `register_mixture` (see
   tasks/supervised.py).
 
-Both run source -> clean text -> tokenise -> `ul2.denoisers.mixture_of_denoisers`
+The two UL2 tasks run source -> clean text -> tokenise -> `ul2.denoisers.mixture_of_denoisers`
 with the UL2 mixture, which joins the documents into one stream and cuts it into
 full windows (`merge_documents=False` keeps each document on its own). `register_ul2_task` registers more, or replaces one of these,
 with other files, TFDS directory, vocabulary or denoisers; from gin:
@@ -47,12 +47,9 @@ from typing import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from tasks.supervised import register_mixture, register_supervised_task
+from tasks.supervised import register_mixture, register_supervised_task  # pylint: disable=unused-import  (re-exported)
 from ul2 import assets
 from ul2 import denoisers as denoisers_lib
-
-__all__ = ["register_ul2_task", "register_supervised_task", "register_mixture",
-           "with_mode_tokens"]
 
 C4_TFDS_NAME = "c4/en:3.1.0"
 LOCAL_SPLITS = {"train": str(assets.TRAIN_TEXT), "validation": str(assets.VALIDATION_TEXT)}

@@ -230,3 +230,28 @@ def test_a_tfds_source(tmp_path):
     assert ex["inputs"][0] == vocab.tokenizer.piece_to_id("[NLU]")
     assert ex["inputs"][1:-1].tolist() == vocab.encode(ex["inputs_pretokenized"].decode())
   np.testing.assert_array_equal(examples[0]["targets"][-1:], [EOS])
+
+
+def test_registered_from_gin(jsonl):
+  import gin  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  try:
+    gin.parse_config(f"""
+from __gin__ import dynamic_registration
+import tasks
+MIXTURE_OR_TASK_NAME = @tasks.register_supervised_task()
+tasks.register_supervised_task:
+  name = 'sup_gin'
+  text_glob = {{'train': '{jsonl["train"]}', 'validation': '{jsonl["validation"]}'}}
+  mode_token = '[S2S]'
+  metrics = ['rouge', 'bleu']
+""")
+    with gin.config_scope("MIXTURE_OR_TASK_NAME"):
+      name = gin.get_configurable("gin.macro")()
+  finally:
+    gin.clear_config()
+  assert name == "sup_gin"
+  task = seqio.get_mixture_or_task("sup_gin")
+  assert supervised.mode_token_of(task) == "[S2S]"
+  assert task.predict_metric_fns == [metrics.rouge, metrics.bleu]
+  assert len(_examples("sup_gin", "validation")) == 4
