@@ -1,10 +1,15 @@
-"""seqio tasks for UL2 pre-training. Importing this package registers two of them:
+"""seqio tasks for UL2. Importing this package registers three of them:
 
 * `c4_ul2`: TFDS `c4/en:3.1.0` (the real run's task, 512/512).
 * `local_ul2`: text or JSONL files; by default the bundled corpus (train:
   ul2/assets/train.txt, validation: ul2/assets/validation.txt).
+* `local_title`: a supervised task from the bundled corpus: name the Python help
+  topic a paragraph of the Python documentation comes from (`[NLU]`, accuracy);
+  built by ul2/assets/build_title_task.py. Supervised tasks and mixtures of them
+  are registered by `register_supervised_task` and `register_mixture` (see
+  tasks/supervised.py).
 
-Both run source -> clean text -> tokenise -> `ul2.denoisers.mixture_of_denoisers`
+The two UL2 tasks run source -> clean text -> tokenise -> `ul2.denoisers.mixture_of_denoisers`
 with the UL2 mixture, which joins the documents into one stream and cuts it into
 full windows (`merge_documents=False` keeps each document on its own). `register_ul2_task` registers more, or replaces one of these,
 with other files, TFDS directory, vocabulary or denoisers; from gin:
@@ -18,6 +23,11 @@ with other files, TFDS directory, vocabulary or denoisers; from gin:
 
 (see gin/experiments/custom_mixture.gin for a mixture of one's own denoisers).
 
+Mode tokens are data: `mode_tokens="paper"` keeps each denoiser's own (UL2's
+`[NLU]`/`[NLG]`/`[S2S]`), `"none"` puts none (Flan-UL2's continued pre-training;
+the length budgets then reserve no room for one), and a mapping
+{denoiser name: token or None} names each denoiser's token.
+
 Text files hold one document per line; JSONL files (`.jsonl`, `.json`) one JSON
 object per line with the document in `text_key`. Stray bad bytes never crash a run:
 invalid UTF-8 becomes U+FFFD, empty and whitespace-only documents are dropped, and
@@ -29,6 +39,7 @@ invalid UTF-8), a JSONL file without one usable line.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -38,6 +49,7 @@ from typing import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
+from tasks.supervised import register_mixture, register_supervised_task  # pylint: disable=unused-import  (re-exported)
 from ul2 import assets
 from ul2 import denoisers as denoisers_lib
 
@@ -153,6 +165,36 @@ def list_files(globs: str | Sequence[str]) -> list[str]:
   return files
 
 
+def with_mode_tokens(denoisers: Sequence[denoisers_lib.Denoiser],
+                     mode_tokens: str | Mapping[str, str | None]
+                     ) -> tuple[denoisers_lib.Denoiser, ...]:
+  """The denoisers with the mode-token policy applied: "paper" (their own), "none",
+  or {denoiser name: token or None} naming every denoiser of the mixture."""
+  denoisers = tuple(denoisers)
+  if isinstance(mode_tokens, Mapping):
+    names = [d.name for d in denoisers]
+    unknown = [n for n in mode_tokens if n not in names]
+    if unknown:
+      raise ValueError(f"mode_tokens names denoiser {unknown[0]!r}, which is not in the "
+                       f"mixture ({', '.join(names)})")
+    missing = [n for n in names if n not in mode_tokens]
+    if missing:
+      raise ValueError(f"mode_tokens gives no token for {', '.join(missing)}: name every "
+                       "denoiser of the mixture (None for no token)")
+    bad = [(n, t) for n, t in mode_tokens.items() if t is not None and not (
+        isinstance(t, str) and t.strip())]
+    if bad:
+      raise ValueError(f"mode_tokens[{bad[0][0]!r}] must be a non-empty string or None, "
+                       f"got {bad[0][1]!r}")
+    return tuple(dataclasses.replace(d, mode_token=mode_tokens[d.name]) for d in denoisers)
+  if mode_tokens == "paper":
+    return denoisers
+  if mode_tokens == "none":
+    return tuple(dataclasses.replace(d, mode_token=None) for d in denoisers)
+  raise ValueError(f"mode_tokens must be 'paper', 'none' or a mapping {{denoiser name: "
+                   f"token}}, got {mode_tokens!r}")
+
+
 def register_ul2_task(
     name: str,
     *,
@@ -166,6 +208,7 @@ def register_ul2_task(
     shuffle_buffer_size: int = 1000,
     merge_documents: bool = True,
     document_separator: int | None = None,
+    mode_tokens: str | Mapping[str, str | None] = "paper",
 ) -> str:
   """Registers (or replaces) a UL2 seqio Task and returns its name.
 
@@ -185,8 +228,10 @@ def register_ul2_task(
       for corpora whose boundaries matter.
     document_separator: with `merge_documents`, a token id put after each document
       (e.g. 1, EOS); default none, as T5's `reduce_concat_tokens`.
+    mode_tokens: "paper" (each denoiser's own), "none" (no mode token, as Flan-UL2's
+      continued pre-training) or {denoiser name: token or None}.
   """
-  denoisers = denoisers_lib.validate_mixture(denoisers)
+  denoisers = with_mode_tokens(denoisers_lib.validate_mixture(denoisers), mode_tokens)
   if text_glob is not None and tfds_name is not None:
     raise ValueError(f"task {name}: give text_glob or tfds_name, not both")
   if tfds_name is not None:
@@ -224,3 +269,7 @@ def register_ul2_task(
 
 register_ul2_task("c4_ul2", tfds_name=C4_TFDS_NAME)
 register_ul2_task("local_ul2")
+register_supervised_task(
+    "local_title",
+    text_glob={"train": str(assets.TITLE_TRAIN), "validation": str(assets.TITLE_VALIDATION)},
+    mode_token=denoisers_lib.NLU, metrics=("accuracy",))

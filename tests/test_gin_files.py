@@ -1,5 +1,7 @@
 """Every run and experiment gin file parses into the config it promises."""
 
+import dataclasses
+
 import gin
 import pytest
 
@@ -55,3 +57,19 @@ def test_model_dir_is_required():
   main.parse_gin(["gin/runs/local_tiny.gin"], [])
   with pytest.raises(main.UserError, match="model_dir"):
     main.configured(loop.TrainConfig)
+
+
+def test_continue_ul2_is_flan_ul2s_continued_pre_training():
+  c = config("gin/runs/continue_ul2.gin", bindings=[
+      "MODEL_DIR = '/tmp/unused'", "INIT_FROM = '/tmp/ul2'"])
+  assert c.mixture_or_task_name == "c4_ul2_no_mode"
+  assert (c.train_steps, c.batch_size) == (100_000, 1024)
+  assert dict(c.task_feature_lengths) == {"inputs": 512, "targets": 512}
+  assert (c.model.num_encoder_layers, c.model.d_model, c.model.vocab_size) == (32, 4096, 32128)
+  denoisers = data.task_denoisers(c.mixture_or_task_name)
+  assert [d.name for d in denoisers] == UL2  # The same mixture ...
+  assert all(d.mode_token is None for d in denoisers)  # ... without mode tokens.
+  assert [d.mode_token for d in data.task_denoisers("c4_ul2")] == [
+      "[NLU]", "[NLU]", "[NLG]", "[NLG]", "[NLG]", "[NLG]", "[S2S]"]
+  if "init_from" in {f.name for f in dataclasses.fields(loop.TrainConfig)}:
+    assert c.init_from == "/tmp/ul2"

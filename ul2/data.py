@@ -101,13 +101,26 @@ def _tasks(p: seqio.Task | seqio.Mixture) -> list[seqio.Task]:
 
 
 def task_denoisers(name: str) -> tuple[denoisers_lib.Denoiser, ...]:
-  """The denoisers of a registered task (or mixture of such tasks), in id order."""
+  """The denoisers of a registered task (or mixture of such tasks), in id order;
+  () for supervised tasks (`tasks.register_supervised_task`) and mixtures of them."""
   found = {denoisers_lib.denoisers_of(t.preprocessors) for t in _tasks(provider(name))}
+  if found == {None} and all(_is_supervised(t) for t in _tasks(provider(name))):
+    return ()
   if None in found:
     raise ValueError(f"{name!r} has a task without a ul2.denoisers.mixture_of_denoisers step")
   if len(found) != 1:
     raise ValueError(f"mixture {name!r} mixes tasks with different denoisers")
   return found.pop()
+
+
+def _is_supervised(task: seqio.Task) -> bool:
+  from tasks import supervised  # pylint: disable=import-outside-toplevel
+  return supervised.is_supervised(task)
+
+
+def _check_records(task: seqio.Task, split: str) -> None:
+  from tasks import supervised  # pylint: disable=import-outside-toplevel
+  supervised.check_split(task, split)  # A line without the fields: its file and line.
 
 
 def _vocabulary(task: seqio.Task) -> seqio.Vocabulary:
@@ -158,7 +171,8 @@ def _check_tfds(task: seqio.Task) -> None:
 
 def check(name: str, task_feature_lengths: Mapping[str, int], split: str) -> None:
   """Raises a one-line error if the task cannot run: unknown name, bad split or
-  lengths, missing vocabulary or data files. Builds no graph."""
+  lengths, missing vocabulary or data files, a supervised file line without its
+  fields. Builds no graph."""
   if set(task_feature_lengths) != {"inputs", "targets"}:
     raise ValueError(f"task_feature_lengths needs exactly 'inputs' and 'targets', got "
                      f"{dict(task_feature_lengths)}")
@@ -168,7 +182,8 @@ def check(name: str, task_feature_lengths: Mapping[str, int], split: str) -> Non
     path = getattr(vocabulary, "sentencepiece_model_file", None)
     if path and not tf.io.gfile.exists(path):
       raise FileNotFoundError(f"task {task.name}: vocabulary {path} does not exist")
-    denoisers_lib.make_plan(denoisers, task_feature_lengths, vocabulary)
+    if denoisers:
+      denoisers_lib.make_plan(denoisers, task_feature_lengths, vocabulary)
     if isinstance(task.source, seqio.TfdsDataSource):
       _check_tfds(task)
     if split not in task.source.splits:
@@ -185,6 +200,8 @@ def check(name: str, task_feature_lengths: Mapping[str, int], split: str) -> Non
       if not _has_text(files):
         raise ValueError(f"task {task.name}: the {split} files ({', '.join(files[:3])}"
                          f"{', ...' if len(files) > 3 else ''}) hold no text")
+    if _is_supervised(task):
+      _check_records(task, split)
 
 
 def _has_text(files: Sequence[str], chunk: int = 1 << 16) -> bool:

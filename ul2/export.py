@@ -14,6 +14,7 @@ torch and transformers are never imported here (safetensors' numpy API is).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -134,47 +135,77 @@ def to_hf_state_dict(params: Any, config: ModelConfig) -> dict[str, np.ndarray]:
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 
+HfSpec = tuple[tuple[str, ...], Callable[[list[np.ndarray]], np.ndarray]]
+
+
+def hf_param_specs(config: ModelConfig) -> dict[tuple[str, ...], HfSpec]:
+  """How each of our params is made from Hugging Face tensors, one param at a time.
+
+  Returns {our param path: (HF keys, fn(list of those tensors) -> our array)}, the
+  paths of `nn.unbox(abstract_params(config))`. A scanned stack's param takes the
+  tensor of every layer (stacked). `lm_head.weight` falls back to `shared.weight`
+  where a checkpoint has none (`hf_key`).
+  """
+  specs: dict[tuple[str, ...], HfSpec] = {
+      ("token_embedder", "embedding"): (("shared.weight",), lambda xs: xs[0])}
+  for name, n_layers, decoder in (("encoder", config.num_encoder_layers, False),
+                                  ("decoder", config.num_decoder_layers, True)):
+    for hf, ours, kind in _layer_table(decoder):
+      convert = functools.partial(_from_hf, kind=kind, config=config)
+      keys = tuple(f"{name}.block.{i}.{hf}" for i in range(n_layers))
+      if config.scan_layers:
+        specs[(name, "layers", *ours)] = (keys, lambda xs, c=convert: np.stack(
+            [c(x) for x in xs]))
+      else:
+        for i, key in enumerate(keys):
+          specs[(name, f"layers_{i}", *ours)] = ((key,), lambda xs, c=convert: c(xs[0]))
+    specs[(name, "relpos_bias", "rel_embedding")] = (
+        (f"{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
+        lambda xs: xs[0].T)
+  specs[("encoder", "encoder_norm", "scale")] = (("encoder.final_layer_norm.weight",),
+                                                 lambda xs: xs[0])
+  if config.final_decoder_norm_scale:
+    specs[("decoder", "decoder_norm", "scale")] = (("decoder.final_layer_norm.weight",),
+                                                   lambda xs: xs[0])
+  if not config.tie_word_embeddings:
+    specs[("decoder", "logits_dense", "kernel")] = (("lm_head.weight",), lambda xs: xs[0].T)
+  return specs
+
+
+def hf_key(key: str, available: Any) -> str:
+  """`key`, or the tensor a checkpoint without it means (an untied model saved
+  without `lm_head.weight` uses `shared.weight`); KeyError if neither is there."""
+  if key in available:
+    return key
+  if key == "lm_head.weight" and "shared.weight" in available:
+    return "shared.weight"
+  raise KeyError(f"Hugging Face state dict has no {key!r}")
+
+
+def check_hf_extras(get: Callable[[str], np.ndarray], available: Any,
+                    config: ModelConfig) -> None:
+  """The checks of tensors that `hf_param_specs` does not read: a final decoder norm
+  that `final_decoder_norm_scale=False` drops must be all ones, and a tied model's
+  `lm_head.weight`, if saved, must equal `shared.weight`."""
+  if not config.final_decoder_norm_scale and not np.all(
+      get("decoder.final_layer_norm.weight") == 1.0):
+    raise ValueError("config.final_decoder_norm_scale=False but the checkpoint's "
+                     "decoder.final_layer_norm.weight is not all ones")
+  if (config.tie_word_embeddings and "lm_head.weight" in available
+      and not np.array_equal(get("lm_head.weight"), get("shared.weight"))):
+    raise ValueError("config.tie_word_embeddings=True but the checkpoint's lm_head.weight "
+                     "differs from shared.weight")
+
+
 def from_hf_state_dict(sd: dict[str, Any], config: ModelConfig) -> dict:
   """Hugging Face T5 state dict (numpy or torch tensors) -> our params collection."""
   sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
         for k, v in sd.items()}
-
-  def take(key: str) -> np.ndarray:
-    if key not in sd:
-      raise KeyError(f"Hugging Face state dict has no {key!r}")
-    return sd[key]
-
-  params: dict = {"token_embedder": {"embedding": take("shared.weight")}}
-  for name, n_layers, decoder in (("encoder", config.num_encoder_layers, False),
-                                  ("decoder", config.num_decoder_layers, True)):
-    stack: dict = {}
-    per_layer = []
-    for i in range(n_layers):
-      layer: dict = {}
-      for hf, ours, kind in _layer_table(decoder):
-        _set(layer, ours, _from_hf(take(f"{name}.block.{i}.{hf}"), kind, config))
-      per_layer.append(layer)
-    if config.scan_layers:
-      import jax  # pylint: disable=import-outside-toplevel
-      stack["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-    else:
-      stack.update({f"layers_{i}": layer for i, layer in enumerate(per_layer)})
-    stack["relpos_bias"] = {"rel_embedding": take(
-        f"{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight").T}
-    params[name] = stack
-  params["encoder"]["encoder_norm"] = {"scale": take("encoder.final_layer_norm.weight")}
-  final = take("decoder.final_layer_norm.weight")
-  if config.final_decoder_norm_scale:
-    params["decoder"]["decoder_norm"] = {"scale": final}
-  elif not np.all(final == 1.0):
-    raise ValueError("config.final_decoder_norm_scale=False but the checkpoint's "
-                     "decoder.final_layer_norm.weight is not all ones")
-  if not config.tie_word_embeddings:
-    head = sd.get("lm_head.weight", sd["shared.weight"])
-    params["decoder"]["logits_dense"] = {"kernel": head.T}
-  elif "lm_head.weight" in sd and not np.array_equal(sd["lm_head.weight"], sd["shared.weight"]):
-    raise ValueError("config.tie_word_embeddings=True but the checkpoint's lm_head.weight "
-                     "differs from shared.weight")
+  get = lambda key: sd[hf_key(key, sd)]
+  params: dict = {}
+  for path, (keys, convert) in hf_param_specs(config).items():
+    _set(params, path, convert([get(k) for k in keys]))
+  check_hf_extras(get, sd, config)
   return params
 
 

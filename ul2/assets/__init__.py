@@ -1,7 +1,7 @@
 """Data that ships with ul2: a small English corpus and a SentencePiece vocabulary.
 
 Paths only; nothing here imports TensorFlow or JAX. The scripts that built the
-files sit beside them (`build_corpus.py`, `build_vocab.py`).
+files sit beside them (`build_corpus.py`, `build_vocab.py`, `build_title_task.py`).
 """
 
 import pathlib
@@ -12,3 +12,6 @@ VALIDATION_TEXT = ASSETS_DIR / "validation.txt"
 VOCAB_PATH = ASSETS_DIR / "ul2_8k.model"
 EXTRA_IDS = 100
 MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
+# The supervised task `local_title` (built from the corpus by build_title_task.py).
+TITLE_TRAIN = ASSETS_DIR / "title_train.jsonl"
+TITLE_VALIDATION = ASSETS_DIR / "title_validation.jsonl"

@@ -108,9 +108,15 @@ def wikipedia_documents(wheel: pathlib.Path) -> list[list[str]]:
 
 
 def pydoc_documents() -> list[list[str]]:
+  return [paragraphs for _, paragraphs in pydoc_topics()]
+
+
+def pydoc_topics() -> list[tuple[str, list[str]]]:
+  """(title, paragraphs) of each help topic of Python's documentation, by topic name."""
   from pydoc_data import topics  # pylint: disable=import-outside-toplevel
   docs = []
   for _, body in sorted(topics.topics.items()):
+    title = body.splitlines()[0].strip()
     paragraphs = []
     for block in re.split(r"\n\s*\n", body):
       if block.startswith((" ", "\t")):  # Code samples and grammar.
@@ -119,7 +125,7 @@ def pydoc_documents() -> list[list[str]]:
       if len(para.split()) >= MIN_PARAGRAPH_WORDS and not para.startswith(("*", "-")):
         paragraphs.append(para)
     if paragraphs:
-      docs.append(paragraphs)
+      docs.append((title, paragraphs))
   return docs
 
 

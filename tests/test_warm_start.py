@@ -1,0 +1,186 @@
+"""Warm start (ul2.warm_start): a random Hugging Face T5, saved whole and sharded, and
+an ul2 model_dir load onto a sharded mesh with logits equal to the source's; bad
+paths and mismatched models are one line each."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ul2 import checkpoint, model_settings, sharding, warm_start
+from ul2.model import ModelConfig
+from model_testing import apply, random_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+HF_CONFIG = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                 num_decoder_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
+                 tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+                 eos_token_id=1)
+CONFIG = ModelConfig(vocab_size=512, d_model=32, num_heads=4, head_dim=8, d_ff=64,
+                     num_encoder_layers=2, num_decoder_layers=3, activation="gelu",
+                     dtype="float32")
+
+
+def _mesh():
+  return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  enc = rng.integers(2, 512, (2, 12)).astype(np.int32)
+  enc[1, 7:] = 0
+  dec = rng.integers(2, 512, (2, 6)).astype(np.int32)
+  dec[:, 0] = 0
+  return enc, dec
+
+
+def _hf_logits(hf, enc, dec):
+  with torch.no_grad():
+    return hf(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
+              decoder_input_ids=torch.tensor(dec)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+  torch.manual_seed(0)
+  hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**HF_CONFIG)).eval()
+  whole = tmp_path_factory.mktemp("hf_whole")
+  hf.save_pretrained(whole)
+  sharded = tmp_path_factory.mktemp("hf_sharded")
+  hf.save_pretrained(sharded, max_shard_size="100KB")
+  return hf, whole, sharded
+
+
+def test_saved_layouts_are_what_they_claim(hf_model):
+  _, whole, sharded = hf_model
+  assert (whole / "model.safetensors").is_file()
+  assert not (whole / warm_start.HF_INDEX).exists()
+  assert (sharded / warm_start.HF_INDEX).is_file()
+  assert len(list(sharded.glob("model-*.safetensors"))) > 2
+
+
+@pytest.mark.parametrize("layout", ["whole", "sharded"])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_hf_checkpoint_loads_sharded_with_equal_logits(hf_model, layout, scan):
+  hf, whole, sharded = hf_model
+  path = {"whole": whole, "sharded": sharded}[layout]
+  source = warm_start.parse(str(path))
+  assert source.kind == warm_start.HF
+  config = warm_start.source_config(source, dtype="float32", scan_layers=scan,
+                                     dropout_rate=0.0)
+  assert config == dataclasses.replace(CONFIG, scan_layers=scan)
+  mesh = _mesh()
+  shardings = warm_start.param_shardings(config, mesh)
+  params, source_config = warm_start.load_params(source, config, shardings)
+  assert source_config == config
+  # Every parameter sits on its target sharding; some are really split.
+  placed = jax.tree.leaves(jax.tree.map(lambda p, s: p.sharding == s and p.dtype == np.float32,
+                                        params, shardings))
+  assert all(placed)
+  embedding = params["token_embedder"]["embedding"]
+  assert embedding.addressable_shards[0].data.shape != embedding.shape
+  enc, dec = _batch()
+  ours = np.asarray(apply(config, {"params": jax.device_get(params)}, enc, dec))
+  np.testing.assert_allclose(ours, _hf_logits(hf, enc, dec), atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_checkpoint_loads_as_float32(hf_model, tmp_path):
+  hf, _, _ = hf_model
+  hf.to(torch.bfloat16).save_pretrained(tmp_path)
+  hf.to(torch.float32)
+  params, _ = warm_start.load_params(str(tmp_path), CONFIG,
+                                     warm_start.param_shardings(CONFIG, _mesh()))
+  got = np.asarray(params["token_embedder"]["embedding"])
+  expected = hf.shared.weight.detach().to(torch.bfloat16).float().numpy()
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, expected)
+
+
+def _model_dir(path, params, config, step=7):
+  ckpt = checkpoint.Checkpointer(path, async_save=False)
+  ckpt.save(step, params, {"count": np.zeros((), np.int32)}, {"batches_consumed": step})
+  ckpt.close()
+  model_settings.write(path, model_settings.ModelSettings(
+      model=config, vocab_path="/unused.model", extra_ids=100,
+      task_feature_lengths={"inputs": 16, "targets": 16}, mixture_or_task_name="local_ul2"))
+  return path
+
+
+def test_ul2_model_dir_round_trip(tmp_path):
+  config = dataclasses.replace(CONFIG, activation="silu")
+  first = random_params(config, seed=1)
+  second = random_params(config, seed=2)
+  _model_dir(tmp_path, first, config, step=3)
+  _model_dir(tmp_path, second, config, step=9)
+  mesh = _mesh()
+  shardings = warm_start.param_shardings(config, mesh)
+  for path, expected in ((str(tmp_path), second), (f"{tmp_path}@3", first)):
+    source = warm_start.parse(path)
+    assert source.kind == warm_start.UL2
+    params, source_config = warm_start.load_params(source, config, shardings)
+    assert source_config == config
+    assert all(jax.tree.leaves(jax.tree.map(lambda p, s: p.sharding == s, params, shardings)))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), expected)
+  with pytest.raises(ValueError, match=r"no checkpoint for step 4 .* there are steps \[3, 9\]"):
+    warm_start.load_params(f"{tmp_path}@4", config, shardings)
+
+
+def _one_line(excinfo):
+  message = str(excinfo.value)
+  assert "\n" not in message
+  return message
+
+
+def test_missing_path_and_not_a_checkpoint(tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    warm_start.parse(str(tmp_path / "nowhere"))
+  assert "nowhere does not exist" in _one_line(e)
+  (tmp_path / "notes.txt").write_text("hello")
+  with pytest.raises(ValueError) as e:
+    warm_start.parse(str(tmp_path))
+  assert "is not a checkpoint" in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    warm_start.parse(str(tmp_path / "notes.txt"))
+  assert "not a directory" in _one_line(e)
+  (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG | {"model_type": "t5"}))
+  with pytest.raises(FileNotFoundError) as e:
+    warm_start.load_params(str(tmp_path), CONFIG, warm_start.param_shardings(CONFIG, _mesh()))
+  assert "no model.safetensors" in _one_line(e)
+
+
+def test_t5_v1_0_where_gated_is_configured(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(
+      HF_CONFIG | {"feed_forward_proj": "relu", "tie_word_embeddings": True}))
+  with pytest.raises(ValueError) as e:
+    warm_start.check_matches(str(tmp_path), CONFIG)
+  message = _one_line(e)
+  assert "feed_forward 'relu' (not gated: T5 v1.0) in the checkpoint, 'gated-gelu'" in message
+  assert "tie_word_embeddings True in the checkpoint, False configured" in message
+  with pytest.raises(ValueError, match="not gated"):
+    warm_start.source_config(str(tmp_path))
+
+
+def test_each_differing_field_is_named_with_both_values(hf_model):
+  _, whole, _ = hf_model
+  other = dataclasses.replace(CONFIG, d_model=64, num_heads=8, head_dim=16, d_ff=128,
+                              num_decoder_layers=2, activation="silu", vocab_size=1024)
+  with pytest.raises(ValueError) as e:
+    warm_start.check_matches(str(whole), other)
+  message = _one_line(e)
+  for part in ("vocab_size 512 in the checkpoint, 1024 configured",
+               "d_model 32 in the checkpoint, 64 configured", "num_heads 4", "head_dim 8",
+               "d_ff 64", "num_decoder_layers 3", "feed_forward 'gated-gelu' in the "
+               "checkpoint, 'gated-silu' configured"):
+    assert part in message
+  assert "num_encoder_layers" not in message
+
+
+def test_a_model_vocabulary_larger_than_the_tokenizer_is_fine(hf_model):
+  _, whole, _ = hf_model
+  warm_start.check_matches(str(whole), CONFIG, vocabulary_size=500)  # 512 > 400 + 100.
+  with pytest.raises(ValueError, match="vocabulary has 600 ids .* the model only 512"):
+    warm_start.check_matches(str(whole), CONFIG, vocabulary_size=600)
