@@ -71,5 +71,4 @@ def test_continue_ul2_is_flan_ul2s_continued_pre_training():
   assert all(d.mode_token is None for d in denoisers)  # ... without mode tokens.
   assert [d.mode_token for d in data.task_denoisers("c4_ul2")] == [
       "[NLU]", "[NLU]", "[NLG]", "[NLG]", "[NLG]", "[NLG]", "[S2S]"]
-  if "init_from" in {f.name for f in dataclasses.fields(loop.TrainConfig)}:
-    assert c.init_from == "/tmp/ul2"
+  assert c.init_from == "/tmp/ul2"

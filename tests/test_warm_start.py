@@ -184,3 +184,76 @@ def test_a_model_vocabulary_larger_than_the_tokenizer_is_fine(hf_model):
   warm_start.check_matches(str(whole), CONFIG, vocabulary_size=500)  # 512 > 400 + 100.
   with pytest.raises(ValueError, match="vocabulary has 600 ids .* the model only 512"):
     warm_start.check_matches(str(whole), CONFIG, vocabulary_size=600)
+
+
+# ------------------------------------------------------- `ul2 train --init_from=PATH`
+
+import pathlib  # pylint: disable=wrong-import-position
+
+from ul2 import main  # pylint: disable=wrong-import-position
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RUN = [f"--gin_file={REPO / 'gin' / 'runs' / 'local_tiny.gin'}",
+       "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}", "--gin.BATCH_SIZE=8",
+       "--gin.LOG_PERIOD=1", "--gin.CHECKPOINT_PERIOD=1", "--gin.loop.TrainConfig.eval_steps=2"]
+# A learning rate of 1e-9 (0 is refused): the step leaves the warm-started
+# parameters as they came, to ~1e-9 of their scale (Adafactor's updates are relative).
+FROZEN = ["--gin.optimizers.OptimizerConfig.learning_rate=1e-9"]
+
+
+@pytest.mark.slow
+def test_train_from_a_hugging_face_model_exports_its_logits(tmp_path, capsys):
+  """A random T5 the size of gin/models/tiny.gin, warm-started by `ul2 train
+  --init_from` (one step at learning rate 1e-9) and exported, gives its logits back."""
+  torch.manual_seed(1)
+  hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+      vocab_size=8192, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4,
+      feed_forward_proj="gated-silu", tie_word_embeddings=False, decoder_start_token_id=0,
+      pad_token_id=0, eos_token_id=1)).eval()
+  hf.save_pretrained(tmp_path / "hf", max_shard_size="1MB")
+  assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+  model_dir = tmp_path / "run"
+  assert main.main(["train", *RUN, *FROZEN, f"--model_dir={model_dir}",
+                    f"--init_from={tmp_path / 'hf'}", "--gin.TRAIN_STEPS=1",
+                    "--gin.EVAL_PERIOD=0"]) == 0
+  assert f"warm start: the parameters of {tmp_path / 'hf'} (step 0" in capsys.readouterr().out
+  assert main.main(["export", f"--model_dir={model_dir}", f"--output_dir={tmp_path / 'out'}"]) == 0
+  again = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+  rng = np.random.default_rng(0)
+  enc = rng.integers(2, 8100, (2, 12)).astype(np.int32)
+  dec = rng.integers(2, 8100, (2, 6)).astype(np.int32)
+  np.testing.assert_allclose(_hf_logits(again, enc, dec), _hf_logits(hf, enc, dec), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_warm_start_from_a_model_dir_evaluates_as_its_source_and_is_not_repeated(
+    tmp_path, capsys):
+  source, target = tmp_path / "source", tmp_path / "target"
+  assert main.main(["train", *RUN, f"--model_dir={source}", "--gin.TRAIN_STEPS=3",
+                    "--gin.EVAL_PERIOD=0"]) == 0
+  capsys.readouterr()
+  assert main.main(["eval", f"--model_dir={source}", "--eval_steps=2"]) == 0
+  source_eval = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert main.main(["train", *RUN, *FROZEN, f"--model_dir={target}",
+                    f"--init_from={source}@3", "--gin.TRAIN_STEPS=1", "--gin.EVAL_PERIOD=1"]) == 0
+  evaluation = [json.loads(l) for l in (target / "metrics.jsonl").read_text().splitlines()
+                if "eval/loss" in l]
+  assert evaluation[0]["eval/loss"] == pytest.approx(source_eval["eval/loss"], rel=1e-6)
+  capsys.readouterr()
+  # A resume continues the run's own checkpoints; it does not warm-start again.
+  assert main.main(["train", *RUN, f"--model_dir={target}", f"--init_from={source}@3",
+                    "--gin.TRAIN_STEPS=2", "--gin.EVAL_PERIOD=0"]) == 0
+  out = capsys.readouterr().out
+  assert "resumed from step 1" in out and "warm start" not in out
+
+
+@pytest.mark.parametrize("case", ["missing", "not a checkpoint", "other model"])
+def test_train_with_a_bad_init_from_is_one_line(case, tmp_path, hf_model, capsys):
+  path = {"missing": tmp_path / "nope", "not a checkpoint": tmp_path,
+          "other model": hf_model[1]}[case]
+  assert main.main(["train", *RUN, f"--model_dir={tmp_path / 'run'}", f"--init_from={path}",
+                    "--gin.TRAIN_STEPS=1"]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and err[0].startswith("ul2 train: error: warm start"), err
+  assert {"missing": "does not exist", "not a checkpoint": "is not a checkpoint",
+          "other model": "the model does not match: "}[case] in err[0]

@@ -59,6 +59,10 @@ class TrainConfig:
       [CHECKPOINT_PERIOD].
     eval_period: evaluate every this many steps; 0 = never [EVAL_PERIOD].
     log_period: log metrics every this many steps [LOG_PERIOD].
+    init_from: start from these parameters instead of random ones [INIT_FROM]: an
+      ul2 model_dir (its newest good step, or `DIR@STEP`) or a Hugging Face T5
+      directory (`ul2.warm_start`). Parameters only: step 0, a fresh optimiser
+      state and data stream; ignored once the run has a checkpoint of its own.
     data_shards: how many shards the input pipeline is split into (each process
       reads a contiguous block of them; see `ul2.distributed`). None: one per
       process, or, when resuming, what the checkpoint was written with. The global
@@ -85,6 +89,7 @@ class TrainConfig:
   pack: bool = True
   peak_flops_per_device: float | None = None
   data_shards: int | None = None
+  init_from: str | None = None
 
   def __post_init__(self):
     if not isinstance(self.model_dir, str) or not self.model_dir:
@@ -99,6 +104,9 @@ class TrainConfig:
       if value < 0 or (value == 0 and not may_be_zero):
         raise ValueError(f"{name} must be {'non-negative' if may_be_zero else 'positive'}, "
                          f"got {value}")
+    if self.init_from is not None and (not isinstance(self.init_from, str)
+                                       or not self.init_from):
+      raise ValueError(f"init_from must be a path, got {self.init_from!r}")
     if self.keep_checkpoints is not None and (
         not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1):
       raise ValueError(f"keep_checkpoints must be a positive integer or None, got "
@@ -332,8 +340,13 @@ def evaluate(setup: Setup, params: Any, config: TrainConfig, denoiser_names: lis
 
 
 def eval_line(step: int, metrics: Mapping[str, float]) -> str:
-  """The console line of an eval: loss, and the unigram baseline when there is one."""
+  """The console line of an eval: loss, the unigram baseline when there is one, and
+  the metrics of supervised tasks (`eval/<task>/<metric>`)."""
   line = f"eval step {step}: loss {metrics['eval/loss']:.3f}"
+  supervised = {k: v for k, v in metrics.items() if k.count("/") == 2
+                and not k.startswith("eval/loss/")}
+  if supervised:
+    line += " | " + ", ".join(f"{k[len('eval/'):]} {v:.1f}" for k, v in sorted(supervised.items()))
   if "eval/unigram_cross_entropy" in metrics:
     unigram, cross_entropy = metrics["eval/unigram_cross_entropy"], metrics["eval/cross_entropy"]
     line += (f" | cross-entropy {cross_entropy:.3f}, a unigram model of the targets "
@@ -367,9 +380,11 @@ def _state_at(setup: Setup, step: int, params: Any, opt_state: Any) -> trainer.T
 
 
 def restore_or_init(setup: Setup, ckpt: checkpoint_lib.Checkpointer, config: TrainConfig,
-                    step: int | None = None, set_aside: bool = False
+                    step: int | None = None, set_aside: bool = False,
+                    init_params: Any | None = None
                     ) -> tuple[trainer.TrainState, dict[str, Any]]:
-  """The state at `step`, or at the newest checkpoint that verifies, or a fresh one.
+  """The state at `step`, or at the newest checkpoint that verifies, or a fresh one
+  (with `init_params`, a warm start's, instead of random ones).
 
   A newest checkpoint that fails to restore or verify is skipped with a warning
   (and, with `set_aside`, moved to `checkpoints.unreadable/` so that the run can
@@ -384,7 +399,12 @@ def restore_or_init(setup: Setup, ckpt: checkpoint_lib.Checkpointer, config: Tra
     found = ckpt.restore_newest_good(abstract.params, abstract.opt_state,
                                      warn=metrics_lib.warn)
     if found is None:
-      return setup.init(jax.random.key(config.random_seed)), {"batches_consumed": 0}
+      state = setup.init(jax.random.key(config.random_seed))
+      if init_params is not None:
+        state = state.replace(params=init_params)
+        metrics_lib.log(f"warm start: the parameters of {config.init_from} (step 0, a fresh "
+                        "optimiser state and data stream)")
+      return state, {"batches_consumed": 0}
     step, params, opt_state, meta = found
     if set_aside and step != newest:
       if jax.process_index() == 0:
@@ -403,6 +423,22 @@ def restore_or_init(setup: Setup, ckpt: checkpoint_lib.Checkpointer, config: Tra
                     f"(checkpoint has {saved_shards}): the data order differs from an "
                     "uninterrupted run")
   return _state_at(setup, step, params, opt_state), meta
+
+
+def _warm_start(setup: Setup, config: TrainConfig, ckpt: checkpoint_lib.Checkpointer
+                ) -> Any | None:
+  """`config.init_from`'s parameters on the state's shardings, if the run has no
+  checkpoint of its own yet (a resume never warm-starts again); else None."""
+  if not config.init_from or ckpt.all_steps():
+    return None
+  from ul2 import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from ul2 import warm_start  # pylint: disable=import-outside-toplevel
+  warm_start.check_matches(
+      config.init_from, config.model,
+      vocabulary_size=data.task_vocabulary(config.mixture_or_task_name).vocab_size)
+  params, _ = warm_start.load_params(config.init_from, config.model,
+                                     setup.state_shardings.params)
+  return params
 
 
 class Diverged(RuntimeError):
@@ -448,6 +484,23 @@ class _Preemption:
   def close(self) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Evaluators:
+  """What an eval adds to the loss: a unigram baseline (pre-training tasks) and the
+  metrics of decoded predictions (supervised tasks, `ul2.supervised_eval`)."""
+  unigram: np.ndarray | None
+  supervised: Any
+
+
+def _evaluators(config: TrainConfig, denoiser_names: list[str]) -> _Evaluators:
+  from ul2 import supervised_eval  # pylint: disable=import-outside-toplevel
+  supervised = supervised_eval.SupervisedEvaluator(
+      config.mixture_or_task_name, config.task_feature_lengths,
+      batch_size=config.batch_size, split=config.eval_split)
+  return _Evaluators(unigram=unigram_log_probs(config) if denoiser_names else None,
+                     supervised=supervised if supervised.tasks else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,8 +580,10 @@ def _train(config: TrainConfig, model_dir: pathlib.Path, mesh: jax.sharding.Mesh
   preemption = _Preemption()
   try:
     _check_resume(model_dir, ckpt, config)
+    init_params = _warm_start(setup, config, ckpt)  # Outside the mesh context.
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(list(sharding.LOGICAL_AXIS_RULES)):
-      state, meta = restore_or_init(setup, ckpt, config, set_aside=True)
+      state, meta = restore_or_init(setup, ckpt, config, set_aside=True,
+                                    init_params=init_params)
       if is_chief:
         _write_records(model_dir, config, operative_config)
       writer = metrics_lib.MetricsWriter(model_dir, enabled=is_chief)
@@ -539,19 +594,19 @@ def _train(config: TrainConfig, model_dir: pathlib.Path, mesh: jax.sharding.Mesh
       # Resuming keeps the checkpoint's data sharding unless the config sets one,
       # so the data order is the same on any number of processes.
       data_shards = config.data_shards or meta.get("data_shards") or jax.process_count()
-      data = _Data(config, "train", shuffle=True, num_shards=data_shards)
+      train_data = _Data(config, "train", shuffle=True, num_shards=data_shards)
       positions = _DataPositions(model_dir)
       settings = _data_settings(_meta(config, step, data_shards))
       batches = None
       if step and _data_settings(meta) == settings:
-        batches = positions.restore(data, step, settings)
+        batches = positions.restore(train_data, step, settings)
       if step:
         metrics_lib.log(f"resumed from step {step} in {ckpt.directory} ("
                         + ("its data position restored" if batches is not None else
                            f"replaying {int(meta['batches_consumed'])} batches of data")
                         + ")")
       if batches is None:  # From the start, or replayed to the checkpoint's position.
-        batches = data.batches(skip=int(meta["batches_consumed"]))
+        batches = train_data.batches(skip=int(meta["batches_consumed"]))
       return _loop(config, setup, ckpt, writer, preemption, state, batches, positions,
                    data_shards, denoiser_names)
   finally:
@@ -577,7 +632,7 @@ def _loop(config: TrainConfig, setup: Setup, ckpt: checkpoint_lib.Checkpointer,
   dropout_key = jax.random.key(config.random_seed + 1)
   last: dict[str, float] = {}
   sums, steps_in_period, finite = None, 0, jnp.bool_(True)
-  unigram = None  # The eval's baseline, made at the first eval.
+  evaluators = None  # Made at the first eval.
   stopwatch = metrics_lib.Stopwatch()
   step = consumed = int(state.step)  # Steps done; batches taken from the stream.
   train_step = None  # Compiled at the first batch, once it is known to fit.
@@ -630,9 +685,13 @@ def _loop(config: TrainConfig, setup: Setup, ckpt: checkpoint_lib.Checkpointer,
                         "run the same command to resume")
         return Outcome(step, last, preempted=True)
       if config.eval_period and itstime(step, config.eval_period, config.train_steps):
-        if unigram is None:
-          unigram = unigram_log_probs(config)
-        eval_metrics = evaluate(setup, state.params, config, denoiser_names, unigram)
+        if evaluators is None:
+          evaluators = _evaluators(config, denoiser_names)
+        eval_metrics = evaluate(setup, state.params, config, denoiser_names,
+                                evaluators.unigram)
+        if evaluators.supervised is not None:
+          eval_metrics.update(evaluators.supervised(state.params, config.model, setup.mesh,
+                                                    step=step, model_dir=config.model_dir))
         writer.write(step, eval_metrics, kind="eval")
         if is_chief:
           metrics_lib.log(eval_line(step, eval_metrics))

@@ -118,6 +118,8 @@ def _train_config(args: argparse.Namespace, default_files: Sequence[str] = ()):
   bindings = split_gin_overrides(args.extra)
   if getattr(args, "model_dir", None):
     bindings.append(f"MODEL_DIR = {str(args.model_dir)!r}")
+  if getattr(args, "init_from", None):
+    bindings.append(f"loop.TrainConfig.init_from = {str(args.init_from)!r}")
   parse_gin(files, bindings, args.gin_search_path)
   config = configured(loop.TrainConfig)
   return config
@@ -135,6 +137,9 @@ def _denoiser_names(task_name: str) -> list[str]:
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
   _gin_arguments(parser)
   parser.add_argument("--model_dir", help="output directory (sets the MODEL_DIR macro)")
+  parser.add_argument("--init_from", help="start from these parameters: an ul2 model_dir "
+                      "(DIR or DIR@STEP) or a Hugging Face T5 directory (sets "
+                      "loop.TrainConfig.init_from)")
   _process_arguments(parser)
 
 
