@@ -257,3 +257,25 @@ def test_train_with_a_bad_init_from_is_one_line(case, tmp_path, hf_model, capsys
   assert len(err) == 1 and err[0].startswith("ul2 train: error: warm start"), err
   assert {"missing": "does not exist", "not a checkpoint": "is not a checkpoint",
           "other model": "the model does not match: "}[case] in err[0]
+
+
+@pytest.mark.slow
+def test_finetune_gin_trains_the_bundled_task_and_logs_its_metric(tmp_path, capsys):
+  """gin/runs/finetune.gin, shrunk: the loss falls, the eval decodes the validation
+  split and logs eval/local_title/accuracy, and writes the predictions."""
+  model_dir = tmp_path / "title"
+  assert main.main(["train", f"--gin_file={REPO / 'gin' / 'runs' / 'finetune.gin'}",
+                    f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=40", "--gin.EVAL_PERIOD=40",
+                    "--gin.LOG_PERIOD=10", "--gin.CHECKPOINT_PERIOD=40",
+                    "--gin.optimizers.OptimizerConfig.learning_rate=0.01"]) == 0
+  records = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert losses[-1] < losses[0] - 1.0
+  (evaluation,) = [r for r in records if "eval/loss" in r]
+  assert 0.0 <= evaluation["eval/local_title/accuracy"] <= 100.0
+  assert "local_title/accuracy" in capsys.readouterr().out
+  predictions = [json.loads(l) for l in
+                 (model_dir / "inference" / "local_title-40.jsonl").read_text().splitlines()]
+  assert len(predictions) == 121 and {"inputs", "targets", "prediction"} <= set(predictions[0])
+  assert sum(p["prediction"] == p["targets"] for p in predictions) == round(
+      evaluation["eval/local_title/accuracy"] * 121 / 100)
