@@ -201,7 +201,7 @@ def brevity_penalty(alpha: float | jax.Array, length: int | jax.Array) -> jax.Ar
 
 
 def _batch_axis(path: tuple[Any, ...], leaf: jax.Array) -> int | None:
-  """Where the rows are in a cache leaf: keys/values are [(layers,) b, length, h, d]."""
+  """Where the rows are in a cache leaf: keys/values are [(layers,) b, h, length, d]."""
   name = str(getattr(path[-1], "key", path[-1]))
   if name in ("cached_key", "cached_value", "cross_key", "cross_value"):
     return leaf.ndim - 4
