@@ -277,6 +277,10 @@ class MultiHeadAttention(nn.Module):
       else:
         out = attention_lib.dot_product_attention(q, k, v, bias, mask, self.dtype, dropout)
     out = constrain(out, heads_axes)
+    if decode:
+      # One [h * d, e] matmul: with one query per row, XLA:CPU otherwise re-lays
+      # out `wo` as [d, h, e] at every step.
+      return jnp.einsum("bqf,fe->bqe", out.reshape(*out.shape[:2], h * d), wo.reshape(h * d, -1))
     return jnp.einsum("bqhd,hde->bqe", out, wo)
 
   def _cross_cache(self, kv_input: Array | None, wk: Array, wv: Array) -> tuple[Array, Array]:
