@@ -112,8 +112,8 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array
 
 
 def top_k_values(logits: jax.Array, k: int) -> jax.Array:
-  """The k-th largest value of each row, [b, 1] (see `argmax_top_k`)."""
-  return argmax_top_k(logits, k)[0][:, -1:]
+  """The k-th largest value of each row, [b, 1]."""
+  return jax.lax.top_k(logits, k)[0][:, -1:]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "top_k"))
@@ -178,30 +178,13 @@ def generate(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array, 
 # Beam search.
 
 
-def argmax_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`jax.lax.top_k` over the last axis of [b, n], as k passes of argmax.
-
-  Inside the decoding loop XLA:CPU lowers `lax.top_k` over a wide row (beams x
-  vocabulary) to a full sort of the row; k argmax passes read the row k times
-  instead. Ties go to the lower index, as in `lax.top_k`."""
-  rows = jnp.arange(x.shape[0])
-
-  def take_best(x, _):
-    index = jnp.argmax(x, axis=-1)
-    value = x[rows, index]
-    return x.at[rows, index].set(-jnp.inf), (value, index.astype(jnp.int32))
-
-  _, (values, indices) = jax.lax.scan(take_best, x, None, length=k)
-  return values.T, indices.T
-
-
 def brevity_penalty(alpha: float | jax.Array, length: int | jax.Array) -> jax.Array:
   """T5X's (GNMT's) length normalisation: ((5 + length) / 6) ** alpha."""
   return jnp.power((5.0 + jnp.asarray(length, jnp.float32)) / 6.0, alpha)
 
 
 def _batch_axis(path: tuple[Any, ...], leaf: jax.Array) -> int | None:
-  """Where the rows are in a cache leaf: keys/values are [(layers,) b, h, length, d]."""
+  """Where the rows are in a cache leaf: keys/values are [(layers,) b, h, ., .]."""
   name = str(getattr(path[-1], "key", path[-1]))
   if name in ("cached_key", "cached_value", "cross_key", "cross_value"):
     return leaf.ndim - 4
@@ -270,7 +253,7 @@ def beam_search(params: Any, config: ModelConfig, encoder_input_tokens: jax.Arra
     vocab = logits.shape[-1]
     # b: batch, n: beams, v: vocab. Candidates [b, n * v] -> the best 2n.
     candidates = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, vocab) + live_lp[..., None]
-    top_lp, top_index = argmax_top_k(candidates.reshape(b, k * vocab), 2 * k)
+    top_lp, top_index = jax.lax.top_k(candidates.reshape(b, k * vocab), 2 * k)
     parent, token = top_index // vocab, top_index % vocab
     seqs = _gather(live_seqs, parent)
     seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, i, 2)

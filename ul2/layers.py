@@ -36,8 +36,10 @@ DType = jnp.dtype
 # Added to masked attention logits; large but finite so that a fully masked row
 # (padding in a packed batch) gives a uniform softmax rather than NaN.
 MASK_VALUE = -1e10
-# The decoder's key/value caches: [b, h, length, d], the layout attention reads.
-CACHE_AXES = ("batch", "heads", "length", "kv")
+# The decoder's key and value caches, in the layouts attention reads
+# (`ul2.attention.cached_attention`): keys [b, h, d, length], values [b, h, length, d].
+KEY_CACHE_AXES = ("batch", "heads", "kv", "length")
+VALUE_CACHE_AXES = ("batch", "heads", "length", "kv")
 
 
 def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
@@ -214,7 +216,7 @@ class MultiHeadAttention(nn.Module):
 
   Kernels: {query,key,value}/kernel [embed, heads, kv], out/kernel [heads, kv, embed].
   With `decode=True` it keeps a key/value cache in the "cache" collection, in the
-  layout attention reads (CACHE_AXES, see `ul2.attention.cached_attention`):
+  layouts attention reads (KEY_CACHE_AXES, VALUE_CACHE_AXES):
   self-attention appends one position per call at `cache_index`; cross-attention
   projects the encoder output once (on the call that creates the cache) and reuses
   it. In beam search (ul2.decoding) the n beams of a row share that row's
@@ -284,36 +286,34 @@ class MultiHeadAttention(nn.Module):
     return jnp.einsum("bqhd,hde->bqe", out, wo)
 
   def _cross_cache(self, kv_input: Array | None, wk: Array, wv: Array) -> tuple[Array, Array]:
-    """The encoder output's keys and values [b, h, k, d]: projected on the call
-    that creates the cache, read from it after."""
+    """The encoder output's keys [b, h, d, k] and values [b, h, k, d]: projected
+    on the call that creates the cache, read from it after."""
     if self.has_variable("cache", "cross_key"):
       return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
-    kv = jnp.einsum("bke,ejhd->jbhkd", kv_input, _stacked(wk, wv))
-    k = constrain(kv[0], CACHE_AXES)
-    v = constrain(kv[1], CACHE_AXES)
+    k = constrain(jnp.einsum("bke,ehd->bhdk", kv_input, wk), KEY_CACHE_AXES)
+    v = constrain(jnp.einsum("bke,ehd->bhkd", kv_input, wv), VALUE_CACHE_AXES)
     self.put_variable("cache", "cross_key", k)
     self.put_variable("cache", "cross_value", v)
     return k, v
 
   def _update_cache(self, k: Array, v: Array, cache_index: Array | None
                     ) -> tuple[Array, Array]:
-    """k, v: [b, l, h, d] -> the cached keys and values [b, h, max_len, d].
-    Creating call (l = max_len): allocate zeros and return k, v. Later calls
-    (l = 1): write them at `cache_index`."""
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    """k, v: [b, l, h, d] -> the cached keys [b, h, d, max_len] and values
+    [b, h, max_len, d]. Creating call (l = max_len): allocate zeros and return k,
+    v. Later calls (l = 1): write them at `cache_index`."""
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     is_initialized = self.has_variable("cache", "cached_key")
     cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
     if not is_initialized:
       return k, v
-    if k.shape[2] != 1:
-      raise ValueError(f"incremental decoding takes one position per call, got {k.shape[2]}")
-    zero = jnp.zeros((), jnp.int32)
-    idx = (zero, zero, cache_index.astype(jnp.int32), zero)
+    if v.shape[2] != 1:
+      raise ValueError(f"incremental decoding takes one position per call, got {v.shape[2]}")
+    zero, index = jnp.zeros((), jnp.int32), cache_index.astype(jnp.int32)
     cached_key.value = jax.lax.dynamic_update_slice(
-        cached_key.value, k.astype(cached_key.value.dtype), idx)
+        cached_key.value, k.astype(cached_key.value.dtype), (zero, zero, zero, index))
     cached_value.value = jax.lax.dynamic_update_slice(
-        cached_value.value, v.astype(cached_value.value.dtype), idx)
+        cached_value.value, v.astype(cached_value.value.dtype), (zero, zero, index, zero))
     return cached_key.value, cached_value.value
 
 
