@@ -220,7 +220,7 @@ class MultiHeadAttention(nn.Module):
   self-attention appends one position per call at `cache_index`; cross-attention
   projects the encoder output once (on the call that creates the cache) and reuses
   it. In beam search (ul2.decoding) the n beams of a row share that row's
-  cross-attention cache: queries [b * n, 1] attend to keys [b, h, k, d].
+  cross-attention cache: queries [b * n, 1] attend to keys [b, h, d, k].
   """
   num_heads: int
   head_dim: int
@@ -266,7 +266,7 @@ class MultiHeadAttention(nn.Module):
       if decode:
         k, v = self._update_cache(k, v, cache_index)
 
-    if decode:  # Keys and values in the cache's layout [b, h, k, d].
+    if decode:  # Keys [b, h, d, k] and values [b, h, k, d], as cached.
       out = attention_lib.cached_attention(q, k, v, bias, mask, self.dtype)
     else:
       k = constrain(k, heads_axes)
