@@ -13,12 +13,16 @@ of random inputs of 512 tokens (no padding), 128 new tokens at most: greedy, and
 beam search with 4 beams and no length penalty (there the two algorithms are the
 same: `ul2.decoding`). ul2 runs the jitted function `ul2 infer` runs
 (`ul2.infer.decode_fn`), compiled before timing; transformers runs `generate`
-under `torch.inference_mode()` with its default (dynamic) cache, after one
-warm-up call. The sides alternate, one call each per round, so a drift of the
+under `torch.inference_mode()` with its key/value cache on (`use_cache=True`, the
+default dynamic cache), after one warm-up call. Both use every core: torch with
+as many threads as the cores this process may use, the size of XLA:CPU's pool
+(`threads` in each line). The sides alternate, one call each per round, so a drift of the
 shared machine hits both alike; each side's median over the rounds is reported.
 `same_output_rows` is the fraction of rows where both returned the same ids. Tokens counted are those
-returned per row (the best beam), up to EOS inclusive; with random weights that is
-all 128 per row on both sides, which the `tokens` fields show.
+returned per row (the best beam), up to EOS inclusive; both sides stop a row at
+EOS and stop early only when every row has. With random weights no row ends
+early: `full_length` says every row of both sides ran all 128 steps, so both did
+the same number of decoder steps.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ class TorchSide:
       self.model = transformers.T5ForConditionalGeneration.from_pretrained(tmp).eval()
     self.inputs = torch.tensor(inputs, dtype=torch.long)
     self.kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                       eos_token_id=1, decoder_start_token_id=0)
+                       eos_token_id=1, decoder_start_token_id=0, use_cache=True)
     if decode == "beam":
       self.kwargs.update(num_beams=BEAMS, length_penalty=0.0, early_stopping=False)
     else:
@@ -118,7 +122,8 @@ def main(argv=None) -> None:
                       help="rounds for batch >= 64 with beam search")
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(os.cpu_count() or 1)
+  threads = len(os.sched_getaffinity(0))  # The cores XLA:CPU's thread pool uses.
+  torch.set_num_threads(threads)
   cfg = model_config(args.shape)
   params = random_params(cfg)
   for batch in [int(b) for b in args.batches.split(",")]:
@@ -146,12 +151,15 @@ def main(argv=None) -> None:
         print(json.dumps(dict(bench="decode", side=name, shape=args.shape, batch=batch,
                               decode=decode, beams=BEAMS if decode == "beam" else 1,
                               inputs=INPUTS, new_tokens=NEW_TOKENS, rounds=rounds,
-                              tokens=tokens[name], seconds_median=round(median, 3),
+                              threads=threads, tokens=tokens[name],
+                              seconds_median=round(median, 3),
                               seconds=[round(t, 3) for t in times[name]],
                               tokens_per_second=round(result[name], 1))), flush=True)
       print(json.dumps(dict(bench="decode", side="ratio", shape=args.shape, batch=batch,
                             decode=decode, ratio=round(result["ul2"] / result["transformers"], 3),
-                            same_output_rows=same)), flush=True)
+                            same_output_rows=same,
+                            full_length=all(t == batch * NEW_TOKENS for t in tokens.values()))),
+            flush=True)
       del sides
 
 

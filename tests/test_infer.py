@@ -115,6 +115,19 @@ def _teacher_forced_logprobs(params, config, enc_row, seqs, length):
   return [float(sum(logp[i, j, t] for j, t in enumerate(seq))) for i, seq in enumerate(seqs)]
 
 
+@pytest.mark.parametrize("width", [1000, 4 * 8192 + 3])
+def test_top_k_equals_lax_top_k_with_ties(width):
+  rng = np.random.default_rng(width)
+  x = rng.integers(-6, 6, (5, width)).astype(np.float32)  # Many ties.
+  x[1] = decoding.NEG_INF
+  x[2, -7:] = 50.0  # The best entries in the last, partial block.
+  x[3] = rng.standard_normal(width)
+  for k in (1, 8, 9):
+    ours, theirs = decoding.top_k(x, k), jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    np.testing.assert_array_equal(ours[1], theirs[1])
+
+
 @pytest.mark.parametrize("alpha", [0.6, 3.0])
 def test_beam_search_with_length_penalty_equals_brute_force(alpha):
   # Vocabulary 4 (pad 0, EOS 1, 2, 3), 3 steps: 40 hypotheses, [EOS], [a, EOS] and

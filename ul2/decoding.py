@@ -112,8 +112,8 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array
 
 
 def top_k_values(logits: jax.Array, k: int) -> jax.Array:
-  """The k-th largest value of each row, [b, 1] (see `argmax_top_k`)."""
-  return argmax_top_k(logits, k)[0][:, -1:]
+  """The k-th largest value of each row, [b, 1]."""
+  return top_k(logits, k)[0][:, -1:]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "top_k"))
@@ -178,21 +178,25 @@ def generate(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array, 
 # Beam search.
 
 
-def argmax_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`jax.lax.top_k` over the last axis of [b, n], as k passes of argmax.
+def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k` over the last axis of a wide [b, n]: the same values and
+  indices (ties to the lower index), through the k blocks of `block` entries with
+  the largest maxima, which hold the k largest entries.
 
-  Inside the decoding loop XLA:CPU lowers `lax.top_k` over a wide row (beams x
-  vocabulary) to a full sort of the row; k argmax passes read the row k times
-  instead. Ties go to the lower index, as in `lax.top_k`."""
-  rows = jnp.arange(x.shape[0])
-
-  def take_best(x, _):
-    index = jnp.argmax(x, axis=-1)
-    value = x[rows, index]
-    return x.at[rows, index].set(-jnp.inf), (value, index.astype(jnp.int32))
-
-  _, (values, indices) = jax.lax.scan(take_best, x, None, length=k)
-  return values.T, indices.T
+  Inside the decoding loop XLA:CPU lowers `lax.top_k` over a beams x vocabulary
+  row to a sort of the whole row (225 ms a step at batch 8 with 4 beams); this
+  reads the row once and sorts only the block maxima and k blocks."""
+  b, n = x.shape
+  if k * block >= n:
+    return jax.lax.top_k(x, k)
+  blocks = -(-n // block)
+  x = jnp.pad(x, ((0, 0), (0, blocks * block - n)), constant_values=-jnp.inf)
+  x = x.reshape(b, blocks, block)
+  _, best = jax.lax.top_k(jnp.max(x, axis=-1), k)  # [b, k] block ids
+  best = jnp.sort(best, axis=-1)  # Candidates in index order keep ties to the lower index.
+  candidates = jnp.take_along_axis(x, best[:, :, None], axis=1).reshape(b, k * block)
+  values, at = jax.lax.top_k(candidates, k)
+  return values, jnp.take_along_axis(best, at // block, axis=1) * block + at % block
 
 
 def brevity_penalty(alpha: float | jax.Array, length: int | jax.Array) -> jax.Array:
@@ -201,7 +205,7 @@ def brevity_penalty(alpha: float | jax.Array, length: int | jax.Array) -> jax.Ar
 
 
 def _batch_axis(path: tuple[Any, ...], leaf: jax.Array) -> int | None:
-  """Where the rows are in a cache leaf: keys/values are [(layers,) b, length, h, d]."""
+  """Where the rows are in a cache leaf: keys/values are [(layers,) b, h, ., .]."""
   name = str(getattr(path[-1], "key", path[-1]))
   if name in ("cached_key", "cached_value", "cross_key", "cross_value"):
     return leaf.ndim - 4
@@ -270,7 +274,7 @@ def beam_search(params: Any, config: ModelConfig, encoder_input_tokens: jax.Arra
     vocab = logits.shape[-1]
     # b: batch, n: beams, v: vocab. Candidates [b, n * v] -> the best 2n.
     candidates = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, vocab) + live_lp[..., None]
-    top_lp, top_index = argmax_top_k(candidates.reshape(b, k * vocab), 2 * k)
+    top_lp, top_index = top_k(candidates.reshape(b, k * vocab), 2 * k)
     parent, token = top_index // vocab, top_index % vocab
     seqs = _gather(live_seqs, parent)
     seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, i, 2)

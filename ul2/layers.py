@@ -36,6 +36,10 @@ DType = jnp.dtype
 # Added to masked attention logits; large but finite so that a fully masked row
 # (padding in a packed batch) gives a uniform softmax rather than NaN.
 MASK_VALUE = -1e10
+# The decoder's key and value caches, in the layouts attention reads
+# (`ul2.attention.cached_attention`): keys [b, h, d, length], values [b, h, length, d].
+KEY_CACHE_AXES = ("batch", "heads", "kv", "length")
+VALUE_CACHE_AXES = ("batch", "heads", "length", "kv")
 
 
 def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
@@ -211,9 +215,12 @@ class MultiHeadAttention(nn.Module):
   """T5 attention: no biases, no 1/sqrt(d) scaling (folded into the query init).
 
   Kernels: {query,key,value}/kernel [embed, heads, kv], out/kernel [heads, kv, embed].
-  With `decode=True` it keeps a key/value cache in the "cache" collection:
+  With `decode=True` it keeps a key/value cache in the "cache" collection, in the
+  layouts attention reads (KEY_CACHE_AXES, VALUE_CACHE_AXES):
   self-attention appends one position per call at `cache_index`; cross-attention
-  projects the encoder output once (on the call that creates the cache) and reuses it.
+  projects the encoder output once (on the call that creates the cache) and reuses
+  it. In beam search (ul2.decoding) the n beams of a row share that row's
+  cross-attention cache: queries [b * n, 1] attend to keys [b, h, d, k].
   """
   num_heads: int
   head_dim: int
@@ -247,57 +254,66 @@ class MultiHeadAttention(nn.Module):
 
     if self.is_cross_attention:
       q = constrain(jnp.einsum("bqe,ehd->bqhd", x, wq), heads_axes)
-      if decode and self.has_variable("cache", "cross_key"):
-        k = self.get_variable("cache", "cross_key")
-        v = self.get_variable("cache", "cross_value")
+      if decode:
+        k, v = self._cross_cache(kv_input, wk, wv)
       else:
         kv = jnp.einsum("bke,ejhd->bkjhd", kv_input, _stacked(wk, wv))
         k, v = kv[:, :, 0], kv[:, :, 1]
-        if decode:  # The call that creates the cache stores the projections.
-          self.put_variable("cache", "cross_key", k)
-          self.put_variable("cache", "cross_value", v)
     else:
       qkv = jnp.einsum("bke,ejhd->bkjhd", x, _stacked(wq, wk, wv))
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       q = constrain(q, heads_axes)
       if decode:
         k, v = self._update_cache(k, v, cache_index)
-    k = constrain(k, heads_axes)
-    v = constrain(v, heads_axes)
 
-    # Beam search (ul2.decoding): the n beams of a row share its encoder projections,
-    # cached once per row; their queries [b * n, q] attend as [b, n * q] (no bias;
-    # the mask [b, 1, 1, k] broadcasts over queries).
-    group = q.shape[0] // k.shape[0] if self.is_cross_attention and decode else 1
-    if group > 1:
-      q = q.reshape(k.shape[0], group * q.shape[1], h, d)
-
-    dropout = None
-    if self.dropout_rate > 0.0 and not self.deterministic:
-      dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
-    if (attention_lib.choose(self.attention_impl) == "scan" and dropout is None
-        and not decode):
-      out = attention_lib.scanned_attention(q, k, v, bias, mask)
+    if decode:  # Keys [b, h, d, k] and values [b, h, k, d], as cached.
+      out = attention_lib.cached_attention(q, k, v, bias, mask, self.dtype)
     else:
-      out = attention_lib.dot_product_attention(q, k, v, bias, mask, self.dtype, dropout)
-    if group > 1:
-      out = out.reshape(-1, out.shape[1] // group, h, d)
+      k = constrain(k, heads_axes)
+      v = constrain(v, heads_axes)
+      dropout = None
+      if self.dropout_rate > 0.0 and not self.deterministic:
+        dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
+      if attention_lib.choose(self.attention_impl) == "scan" and dropout is None:
+        out = attention_lib.scanned_attention(q, k, v, bias, mask)
+      else:
+        out = attention_lib.dot_product_attention(q, k, v, bias, mask, self.dtype, dropout)
     out = constrain(out, heads_axes)
+    if decode:
+      # One [h * d, e] matmul: with one query per row, XLA:CPU otherwise re-lays
+      # out `wo` as [d, h, e] at every step.
+      return jnp.einsum("bqf,fe->bqe", out.reshape(*out.shape[:2], h * d), wo.reshape(h * d, -1))
     return jnp.einsum("bqhd,hde->bqe", out, wo)
 
-  def _update_cache(self, k: Array, v: Array, cache_index: Array | None):
-    """Creating call: allocate [b, max_len, h, d] zeros. Later calls: one step."""
+  def _cross_cache(self, kv_input: Array | None, wk: Array, wv: Array) -> tuple[Array, Array]:
+    """The encoder output's keys [b, h, d, k] and values [b, h, k, d]: projected
+    on the call that creates the cache, read from it after."""
+    if self.has_variable("cache", "cross_key"):
+      return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+    k = constrain(jnp.einsum("bke,ehd->bhdk", kv_input, wk), KEY_CACHE_AXES)
+    v = constrain(jnp.einsum("bke,ehd->bhkd", kv_input, wv), VALUE_CACHE_AXES)
+    self.put_variable("cache", "cross_key", k)
+    self.put_variable("cache", "cross_value", v)
+    return k, v
+
+  def _update_cache(self, k: Array, v: Array, cache_index: Array | None
+                    ) -> tuple[Array, Array]:
+    """k, v: [b, l, h, d] -> the cached keys [b, h, d, max_len] and values
+    [b, h, max_len, d]. Creating call (l = max_len): allocate zeros and return k,
+    v. Later calls (l = 1): write them at `cache_index`."""
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     is_initialized = self.has_variable("cache", "cached_key")
     cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
     if not is_initialized:
       return k, v
-    if k.shape[1] != 1:
-      raise ValueError(f"incremental decoding takes one position per call, got {k.shape[1]}")
-    zero = jnp.zeros((), jnp.int32)
-    idx = (zero, cache_index.astype(jnp.int32), zero, zero)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), idx)
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), idx)
+    if v.shape[2] != 1:
+      raise ValueError(f"incremental decoding takes one position per call, got {v.shape[2]}")
+    zero, index = jnp.zeros((), jnp.int32), cache_index.astype(jnp.int32)
+    cached_key.value = jax.lax.dynamic_update_slice(
+        cached_key.value, k.astype(cached_key.value.dtype), (zero, zero, zero, index))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, v.astype(cached_value.value.dtype), (zero, zero, index, zero))
     return cached_key.value, cached_value.value
 
 
