@@ -221,7 +221,9 @@ def _copy(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", FAULTS)
+# Each fault is detected at checkpoint level above; a run meets one of each kind:
+# bad values, a bad chunk, a missing item.
+@pytest.mark.parametrize("fault", ["flipped bytes", "truncated chunk", "missing opt_state"])
 def test_training_resumes_exactly_from_the_step_before_a_corrupt_one(
     straight, tmp_path, capsys, fault):
   model_dir = _copy(straight, tmp_path)
@@ -430,12 +432,11 @@ def test_a_step_that_cannot_fit_is_one_line_before_it_runs():
 def test_resume_restores_the_data_position_or_replays_it_with_the_same_losses(
     straight, tmp_path, capsys):
   """A checkpoint's data position (each shard's tf.data iterator) is restored in O(1);
-  without it (deleted, unreadable or written under other data settings) the stream
-  is replayed. Both give the uninterrupted run's losses, bit for bit."""
+  without a readable one the stream is replayed. Both give the uninterrupted run's
+  losses, bit for bit."""
   assert sorted(p.name for p in (straight / "data_state").iterdir()) == ["4", "8"]
   assert (straight / "data_state" / "4" / "shard-00000").is_dir()
-  cases = {"restored": lambda d: None,
-           "missing": lambda d: shutil.rmtree(d / "data_state"),
+  cases = {"restored": lambda d: None,  # (A missing one: the JSONL test below.)
            "corrupt": lambda d: _flip_bytes(_largest_file(d / "data_state" / "4"))}
   for name, damage in cases.items():
     model_dir = _copy(straight, tmp_path / name)
