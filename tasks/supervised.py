@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import os
 from typing import Iterator, Mapping, Sequence
 
@@ -44,6 +43,7 @@ import tensorflow as tf
 from tasks import metrics as metrics_lib
 from ul2 import assets
 from ul2 import denoisers as denoisers_lib
+from ul2 import jsonl
 
 MODE_TOKENS = (None, denoisers_lib.NLU, denoisers_lib.S2S, denoisers_lib.NLG)
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -79,12 +79,7 @@ def read_records(path: str, inputs_key: str = "inputs", targets_key: str = "targ
       if not line:
         continue
       where = f"{path}:{n}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-      if not isinstance(record, dict):
-        raise ValueError(f"{where}: not a JSON object")
+      record = jsonl.parse_object(line, where)
       for key in (inputs_key, targets_key):
         if key not in record:
           raise ValueError(f"{where}: no {key!r} field (it has {sorted(record)})")

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ul2 import compiler, decoding, export, model_settings, sharding
+from ul2 import compiler, decoding, export, jsonl, model_settings, sharding
 from ul2 import model as model_lib
 
 DECODES = ("greedy", "sample", "beam")
@@ -184,12 +184,7 @@ def read_file(path: str, input_key: str = "inputs", target_key: str = "targets",
         continue
       if not line.strip():
         raise ValueError(f"{where}: empty line (one JSON object per line)")
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-      if not isinstance(record, dict):
-        raise ValueError(f"{where}: not a JSON object")
+      record = jsonl.parse_object(line, where)
       if input_key not in record:
         raise ValueError(f"{where}: no {input_key!r} key (it has {sorted(record)}); "
                          "choose the field with --input_key")
