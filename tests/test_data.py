@@ -301,6 +301,7 @@ def test_stats_per_document_are_unchanged(registered):
   assert rows["all"]["examples_per_row"] > 4
 
 
+@pytest.mark.slow
 def test_stats_text_table(capsys):
   assert main.main(["inspect", "--task=local_ul2", "--num_examples=200", "--stats",
                     "--inputs_length=128", "--targets_length=128"]) == 0
