@@ -7,7 +7,7 @@ benchmarks/setup_hf_flax_venv.sh) and imports nothing from ul2:
         "inputs": 512, "targets": 128, "steps": 5}'
 
 The config is ul2.export.hf_config_dict of the same model. Same work as ours:
-float32, dropout off, mean token cross-entropy, optax AdamW, median of jitted
+float32 (or "dtype": "bfloat16" activations), dropout off, mean token cross-entropy, optax AdamW, median of jitted
 forward + backward + update steps after one compile and one warm-up step. Prints
 one JSON line with the step times. With "serve": true in the spec it instead times
 one step per "step" line on stdin (see `serve`), which model_bench.py uses to
@@ -30,7 +30,10 @@ from transformers import FlaxT5ForConditionalGeneration, T5Config
 def main(spec: dict) -> None:
   config = T5Config(**{k: v for k, v in spec["config"].items() if k != "architectures"})
   config.dropout_rate = 0.0
-  model = FlaxT5ForConditionalGeneration(config, seed=0, dtype=jnp.float32)
+  # "dtype": the computation dtype (bfloat16: activations and matmul inputs;
+  # parameters stay float32, as HF Flax keeps them).
+  model = FlaxT5ForConditionalGeneration(config, seed=0,
+                                         dtype=jnp.dtype(spec.get("dtype", "float32")))
   params = model.params
   b, li, lt = spec["batch"], spec["inputs"], spec["targets"]
   rng = np.random.default_rng(0)
@@ -43,6 +46,7 @@ def main(spec: dict) -> None:
   def loss_fn(p):
     logits = model(input_ids=inputs, attention_mask=jnp.ones_like(inputs),
                    decoder_input_ids=decoder_inputs, params=p, train=False).logits
+    logits = logits.astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
   def train_step(state):

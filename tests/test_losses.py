@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ul2 import attention
+from ul2 import loop
 from ul2 import losses
 from ul2 import sharding
 from ul2 import trainer
@@ -88,15 +89,29 @@ def test_shapes_that_do_not_fit_are_a_clear_error():
 
 # The attention core and the loss loop over the batch: "auto" loops only on CPU and
 # only where the batch is not split over devices.
-@pytest.mark.parametrize("choose, looped, plain", [(attention.choose, "scan", "xla"),
-                                                   (losses.choose, "chunked", "logits")])
-def test_auto_loops_on_cpu_only_without_a_batch_split(choose, looped, plain):
-  assert choose(plain) == plain and choose(looped) == looped
-  assert choose("auto") == looped  # CPU, no mesh.
-  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))):
-    assert choose("auto") == plain
-  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=8))):
-    assert choose("auto") == looped
+@pytest.mark.parametrize("resolve, looped, plain", [(attention.resolve, "scan", "xla"),
+                                                    (losses.resolve, "chunked", "logits")])
+def test_auto_loops_on_cpu_only_without_a_batch_split(resolve, looped, plain):
+  for platform in ("cpu", "gpu", "tpu"):
+    for shards in (1, 8):
+      assert resolve(plain, platform, shards) == plain
+      assert resolve(looped, platform, shards) == looped
+      assert resolve("auto", platform, shards) == (
+          looped if platform == "cpu" and shards == 1 else plain)
+
+
+@pytest.mark.parametrize("mesh, looped", [(sharding.MeshConfig(data=2, fsdp=2, tensor=2), False),
+                                          (sharding.MeshConfig(data=1, fsdp=1, tensor=8), True),
+                                          (sharding.MeshConfig(data=1, fsdp=8, tensor=1), False)])
+def test_build_resolves_the_choices_once_from_the_mesh(mesh, looped):
+  """`loop.build` resolves "auto" from its mesh; what it runs does not depend on the
+  mesh set (or not) when the step is traced."""
+  config = make_config()
+  assert (config.model.attention_impl, config.loss.impl) == ("auto", "auto")
+  setup = loop.build(config, 1, sharding.make_mesh(mesh))
+  assert (setup.config.model.attention_impl, setup.config.loss.impl) == (
+      ("scan", "chunked") if looped else ("xla", "logits"))
+  assert setup.model.config == setup.config.model
 
 
 def test_unknown_impl_is_a_clear_error():

@@ -42,6 +42,8 @@ def test_plan_of_the_tiny_run(capsys):
   assert code == 0
   result = json.loads(capsys.readouterr().out)
   assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  # "auto" resolved for this mesh: the batch is split, so no loops over examples.
+  assert (result["attention_impl"], result["loss_impl"]) == ("xla", "logits")
   assert result["param_count"] > 1e6
   # FSDP: each device holds an eighth of the parameters.
   assert result["param_bytes"] == pytest.approx(result["param_bytes_total"] / 8, rel=0.02)
@@ -70,7 +72,7 @@ from ul2 import plan
 plan.simulate_devices(int(sys.argv[1]))
 import jax, numpy as np
 import flax.linen as nn
-from ul2 import loop, main, sharding
+from ul2 import features, loop, main, sharding
 
 def rss():
   status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
@@ -85,8 +87,8 @@ p = plan.make_plan(config, n, plan.parse_mesh(sys.argv[3]))
 setup = loop.build(config, 7, sharding.make_mesh(plan.parse_mesh(sys.argv[3]),
                                                  jax.devices()[:n]))
 lengths = config.task_feature_lengths
-batch = {k: np.ones((config.batch_size, lengths[v]), np.int32)
-         for k, v in plan.PACKED_FEATURES.items()}
+batch = {k: np.ones(shape, np.int32)
+         for k, shape in features.batch_shapes(config.batch_size, lengths).items()}
 with jax.set_mesh(setup.mesh), nn.logical_axis_rules(list(sharding.LOGICAL_AXIS_RULES)):
   def run_once():
     state = setup.init(jax.random.key(0))

@@ -26,7 +26,8 @@ cache, instead of a few passes over [b, h, q, k] arrays (50 MB at batch 8), and 
 [b, h, q, k] activation is kept for the backward pass. On 2 CPU cores the T5-small
 encoder's attention core, forward and backward at batch 8 x 512, takes about
 156-180 ms against 220-250 ms. The loop runs over the batch axis, so "auto" only
-chooses it where that axis is not split over devices (`choose`).
+chooses it where that axis is not split over devices (`resolve`, which `ul2.loop.build`
+applies once, from the mesh).
 """
 
 from __future__ import annotations
@@ -36,17 +37,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ul2 import sharding
-
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "xla", "scan")
 
 
-def choose(impl: str) -> str:
-  """"auto" -> "scan" on CPU when the batch is not split over devices, else "xla"."""
+def resolve(impl: str, platform: str, batch_shards: int) -> str:
+  """"auto" -> "scan" on CPU when the batch is not split (`batch_shards` 1: the
+  mesh's data-parallel size), else "xla". A concrete choice is kept."""
   if impl != "auto":
     return impl
-  return "scan" if sharding.batch_loops_here() else "xla"
+  return "scan" if platform == "cpu" and batch_shards == 1 else "xla"
 
 
 def _add_terms(logits: Array, *terms: Array | None) -> Array:

@@ -1,18 +1,14 @@
-"""XLA compiler options for ul2's jitted steps, chosen per backend.
+"""XLA compiler options for ul2's jitted steps, chosen per backend and dtype.
 
 CPU: XLA:CPU (jaxlib 0.10) hands dots, elementwise ops and reductions to YNNPACK
 fusions by default. In these models its reductions over a non-minor axis and the
 elementwise fusions around the attention softmax and the gated MLP's backward are
-several times slower than XLA's own emitters. Measured on 2 cores, float32:
-
-  - sum over the batch of a [8, 6, 512, 512] array (the relative position bias
-    gradient): 88 ms with YNNPACK, 1.6 ms without;
-  - T5-small attention core (softmax(q k^T + bias) v, forward and backward, batch
-    8 x 512): 296 ms -> 227 ms;
-  - a whole T5-small training step (batch 8, 512/128): 10.2 s -> 8.8 s
-    (benchmarks/model_bench.py).
-
-So on CPU ul2 keeps YNNPACK for dots only. Other backends get no options.
+several times slower than XLA's own emitters, so ul2 keeps YNNPACK for dots only:
+in float32 as dot fusions (`LIBRARY_FUSION_TYPE_DOT`), in bfloat16 as individual
+dots (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`), whose bfloat16 x bfloat16 -> float32
+kernels run at about twice the float32 rate where YNNPACK's dot fusions run
+bfloat16 at a fraction of it. benchmarks/README.md has the measurements behind
+each choice. Other backends get no options.
 
 `compile_fitting` compiles a step and checks XLA's memory analysis of it against
 the device's memory before it runs, so lengths that cannot fit are one line
@@ -26,13 +22,22 @@ from typing import Any
 
 import jax
 
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
+# Per activation dtype (`ul2.model.ModelConfig.dtype`); float16 as float32.
+CPU_OPTIONS = {
+    "float32": {_YNN: "LIBRARY_FUSION_TYPE_DOT"},
+    "bfloat16": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+}
 
 
-def compiler_options(backend: str | None = None) -> dict[str, str] | None:
-  """Options for `jax.jit(..., compiler_options=...)` on `backend` (default: JAX's)."""
-  backend = backend or jax.default_backend()
-  return dict(CPU_OPTIONS) if backend == "cpu" else None
+def compiler_options(platform: str | None = None, dtype: str = "float32"
+                     ) -> dict[str, str] | None:
+  """Options for `jax.jit(..., compiler_options=...)` of a step whose activations are
+  `dtype`, on `platform` (default: JAX's default backend)."""
+  platform = platform or jax.default_backend()
+  if platform != "cpu":
+    return None
+  return dict(CPU_OPTIONS.get(dtype, CPU_OPTIONS["float32"]))
 
 
 def memory_bytes(compiled: jax.stages.Compiled) -> int | None:

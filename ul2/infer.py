@@ -112,9 +112,7 @@ def vocabulary(path: str, extra_ids: int) -> Any:
 
 def place_params(params: Any, config: model_lib.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
   """Host params -> arrays on `mesh`, sharded by the logical axis rules."""
-  boxed = model_lib.abstract_params(config)
-  shardings = sharding.logical_to_mesh(nn.get_partition_spec(boxed), mesh)
-  return jax.device_put(params, shardings)
+  return jax.device_put(params, model_lib.abstract_params_and_shardings(config, mesh)[1])
 
 
 def load_model(*, model_dir: str | None = None, step: int | None = None,
@@ -309,7 +307,7 @@ def decode_fn(config: model_lib.ModelConfig, options: Options) -> Callable:
           params, config, inputs, max_decode_length=options.max_decode_length,
           temperature=temperature, top_k=options.top_k, top_p=options.top_p, rng=keys)
       return tokens, logprobs, logprobs
-  return jax.jit(fn, compiler_options=compiler.compiler_options())
+  return jax.jit(fn, compiler_options=compiler.compiler_options(dtype=config.dtype))
 
 
 def _until_eos(row: np.ndarray) -> list[int]:
@@ -340,7 +338,8 @@ def run(model: Model, examples: Sequence[Example], options: Options,
   dp = sharding.data_parallel_size(mesh)
   rows = -(-options.batch_size // dp) * dp
   batch_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
-  fn = decode_fn(model.config, options)
+  # The implementation choices ("auto" attention, compiler options), made once for the mesh.
+  fn = decode_fn(model.config.resolved(sharding.platform(mesh), dp), options)
   base_key = jax.random.key(options.seed)
   order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
   results: list[dict | None] = [None] * len(examples)

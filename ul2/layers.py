@@ -274,7 +274,10 @@ class MultiHeadAttention(nn.Module):
       dropout = None
       if self.dropout_rate > 0.0 and not self.deterministic:
         dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
-      if attention_lib.choose(self.attention_impl) == "scan" and dropout is None:
+      # "auto" here (a config `ul2.loop.build` did not resolve from its mesh): as on
+      # one device of JAX's default backend.
+      impl = attention_lib.resolve(self.attention_impl, jax.default_backend(), 1)
+      if impl == "scan" and dropout is None:
         out = attention_lib.scanned_attention(q, k, v, bias, mask)
       else:
         out = attention_lib.dot_product_attention(q, k, v, bias, mask, self.dtype, dropout)

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ul2 import checkpoint as checkpoint_lib
 from ul2 import compiler
 from ul2 import distributed
+from ul2 import features
 from ul2 import metrics as metrics_lib
 from ul2 import model as model_lib
 from ul2 import model_settings
@@ -125,6 +126,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What `build` derives from a config: the mesh, shardings and jitted functions."""
+  config: TrainConfig  # The config with its implementation choices resolved for `mesh`.
   mesh: jax.sharding.Mesh
   model: nn.Module
   state_shardings: trainer.TrainState
@@ -135,39 +137,34 @@ class Setup:
   batch_sharding: NamedSharding
 
 
-def dummy_batch(batch: int, lengths: Mapping[str, int]) -> dict[str, jax.Array]:
-  enc = jnp.ones((batch, lengths["inputs"]), jnp.int32)
-  dec = jnp.ones((batch, lengths["targets"]), jnp.int32)
-  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
-          "encoder_segment_ids": enc, "decoder_segment_ids": dec,
-          "encoder_positions": enc, "decoder_positions": dec}
-
-
 def build(config: TrainConfig, num_denoisers: int,
           mesh: jax.sharding.Mesh | None = None) -> Setup:
-  """Mesh, sharded abstract state and the jitted init / train / eval functions."""
+  """Mesh, sharded abstract state and the jitted init / train / eval functions.
+
+  The implementation choices are made here, once, from the config and the mesh:
+  "auto" attention and loss (`ModelConfig.resolved`, `LossConfig.resolved`) and the
+  compiler options (`ul2.compiler`, per platform and dtype). `Setup.config` is the
+  resolved config the functions run."""
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   sharding.check_batch_size(config.batch_size, mesh, config.num_microbatches)
+  platform, batch_shards = sharding.platform(mesh), sharding.data_parallel_size(mesh)
+  config = dataclasses.replace(config, model=config.model.resolved(platform, batch_shards),
+                               loss=config.loss.resolved(platform, batch_shards))
   model = model_lib.Transformer(config.model)
   optimizer = optimizers.make_optimizer(config.optimizer)
   schedule = optimizers.make_schedule(config.optimizer)
-  # Initialise on a (data-parallel size, 1)-token batch: the parameter shapes do
-  # not depend on the lengths, and the batch must split over the data axes.
-  init_batch = dummy_batch(sharding.data_parallel_size(mesh), {"inputs": 1, "targets": 1})
-
-  def init_boxed_params(rng):
-    return model.init({"params": rng, "dropout": rng}, **init_batch)["params"]
+  abstract_params, param_shardings = model_lib.abstract_params_and_shardings(
+      config.model, mesh)
+  init_inputs = features.dummy_model_inputs(batch_shards, {"inputs": 1, "targets": 1})
 
   def init_state(rng):
-    params = nn.meta.unbox(init_boxed_params(rng))
+    params = nn.meta.unbox(model.init({"params": rng, "dropout": rng}, **init_inputs)["params"])
     return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=optimizer.init(params))
 
-  rules = list(sharding.LOGICAL_AXIS_RULES)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_boxed = jax.eval_shape(init_boxed_params, jax.random.key(0))
-    param_shardings = sharding.logical_to_mesh(nn.get_partition_spec(abstract_boxed), mesh)
-    abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  abstract_state = trainer.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+      opt_state=jax.eval_shape(optimizer.init, abstract_params))
   replicated = NamedSharding(mesh, P())
   state_shardings = trainer.TrainState(
       step=replicated,
@@ -182,8 +179,9 @@ def build(config: TrainConfig, num_denoisers: int,
       num_microbatches=config.num_microbatches)
   eval_fn = functools.partial(trainer.eval_step, apply_fn=model.apply, loss=config.loss,
                               num_denoisers=num_denoisers)
-  options = compiler.compiler_options(mesh.devices.flat[0].platform)
+  options = compiler.compiler_options(platform, config.model.dtype)
   return Setup(
+      config=config,
       mesh=mesh,
       model=model,
       state_shardings=state_shardings,
@@ -743,16 +741,13 @@ def load_params(model_dir: str, config: model_lib.ModelConfig, step: int | None 
   """The parameters of a checkpoint in `model_dir`: `step`, or the newest one that
   restores and verifies (skipping bad ones with a warning)."""
   mesh = sharding.make_mesh(sharding.MeshConfig()) if mesh is None else mesh
-  model = model_lib.Transformer(config)
-  init_batch = dummy_batch(sharding.data_parallel_size(mesh), {"inputs": 1, "targets": 1})
+  abstract, shardings = model_lib.abstract_params_and_shardings(config, mesh)
   ckpt = checkpoint_lib.Checkpointer(model_dir, read_only=True)
   try:
     with jax.set_mesh(mesh):
-      boxed = jax.eval_shape(lambda r: model.init({"params": r}, **init_batch)["params"],
-                             jax.random.key(0))
-      shardings = sharding.logical_to_mesh(nn.get_partition_spec(boxed), mesh)
-      abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-      step, params = ckpt.restore_params(abstract, step, warn=metrics_lib.warn)
+      step, params = ckpt.restore_params(
+          checkpoint_lib.abstract_with_shardings(abstract, shardings), step,
+          warn=metrics_lib.warn)
   finally:
     ckpt.close()
   return params, step

@@ -36,18 +36,16 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from ul2 import sharding
-
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "logits", "chunked")
 
 
-def choose(impl: str) -> str:
-  """"auto" -> "chunked" on CPU when the batch is not split over devices, else
-  "logits" (the chunk loop runs over the flattened batch)."""
+def resolve(impl: str, platform: str, batch_shards: int) -> str:
+  """"auto" -> "chunked" on CPU when the batch is not split (`batch_shards` 1), else
+  "logits" (the chunk loop runs over the flattened batch). A concrete choice is kept."""
   if impl != "auto":
     return impl
-  return "chunked" if sharding.batch_loops_here() else "logits"
+  return "chunked" if platform == "cpu" and batch_shards == 1 else "logits"
 
 
 # Tokens per chunk: as many as keep a chunk's [c, v] float32 logits within this

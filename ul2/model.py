@@ -40,6 +40,7 @@ from flax import linen as nn
 
 from ul2 import attention as attention_lib
 from ul2 import layers as L
+from ul2 import sharding
 
 Array = jax.Array
 
@@ -63,7 +64,8 @@ class ModelConfig:
   final_decoder_norm_scale: False for UL2-20B, whose final decoder norm has no scale.
   scan_layers / remat_policy: memory options for big models (see REMAT_POLICIES).
   attention_impl: "xla", "scan" (a few examples at a time, CPU-friendly) or "auto"
-    (scan on CPU when the batch is not split over devices); see ul2.attention.
+    (scan on CPU when the batch is not split over devices), resolved once from the
+    mesh by `resolved` (ul2.loop.build); see ul2.attention.
   """
   vocab_size: int
   d_model: int
@@ -107,6 +109,12 @@ class ModelConfig:
   @property
   def activation_dtype(self) -> jnp.dtype:
     return DTYPES[self.dtype]
+
+  def resolved(self, platform: str, batch_shards: int) -> "ModelConfig":
+    """This config with "auto" replaced by the choice for `platform` and a batch split
+    `batch_shards` ways (`ul2.attention.resolve`): what `ul2.loop.build` runs."""
+    return dataclasses.replace(
+        self, attention_impl=attention_lib.resolve(self.attention_impl, platform, batch_shards))
 
 
 # ----------------------------------------------------------------------------
@@ -186,11 +194,14 @@ def _run_stack(stack, x: Array, *args: Any) -> Array:
   return x
 
 
-def _positions(tokens: Array, positions: Array | None) -> Array:
-  """Given positions [b, l], or 0..l-1 shared by the batch ([l])."""
-  if positions is None:
-    return jnp.arange(tokens.shape[1], dtype=jnp.int32)
-  return positions.astype(jnp.int32)
+def _row_positions(tokens: Array) -> Array:
+  """0..l-1, shared by the batch: the positions the relative position bias is
+  computed from, packed rows included (as T5X). A packed example is a contiguous
+  run of its row whose positions count up by one, so between two of its tokens the
+  relative position is the difference of their row indices, and the segment mask
+  hides every pair across examples: one [1, h, q, k] bias serves the whole batch,
+  where per-example positions would make (and differentiate) a [b, h, q, k] one."""
+  return jnp.arange(tokens.shape[1], dtype=jnp.int32)
 
 
 class Encoder(nn.Module):
@@ -200,8 +211,9 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, segment_ids: Array | None, positions: Array | None,
                deterministic: bool) -> Array:
+    del positions  # Implied by the segments: see _row_positions.
     cfg = self.config
-    pos = _positions(tokens, positions)
+    pos = _row_positions(tokens)
     bias = L.RelativePositionBiases(cfg.relative_attention_num_buckets,
                                     cfg.relative_attention_max_distance, cfg.num_heads,
                                     bidirectional=True, name="relpos_bias")(pos, pos)
@@ -229,6 +241,7 @@ class Decoder(nn.Module):
                encoder_segment_ids: Array | None, segment_ids: Array | None,
                positions: Array | None, deterministic: bool, decode: bool,
                return_hidden: bool = False) -> Array | tuple[Array, Array]:
+    del positions  # Implied by the segments: see _row_positions.
     cfg = self.config
     step = decode and self.has_variable("cache", "cache_index")
     cache_index = None
@@ -247,7 +260,7 @@ class Decoder(nn.Module):
       if decode:  # Creating call: remember the cache length.
         self.variable("cache", "cache_index", jnp.zeros, (), jnp.int32)
         self.variable("cache", "key_positions", jnp.arange, tokens.shape[1], dtype=jnp.int32)
-      pos = _positions(tokens, positions)
+      pos = _row_positions(tokens)
       self_bias = relpos(pos, pos)
       self_mask = L.attention_mask_bias(
           None, None, segment_ids, segment_ids, causal=True,
@@ -318,6 +331,9 @@ class Transformer(nn.Module):
 
     Extra batch features (decoder_target_tokens, decoder_loss_weights,
     decoder_denoiser_ids) are accepted and ignored, so `model.apply(v, **batch)` works.
+    The positions of a packed batch are accepted and implied by its segment ids
+    (seqio packs each example as a contiguous run counting up from 0): the relative
+    position bias is computed from row indices, as T5X does (`_row_positions`).
     """
     del unused_features
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
@@ -337,6 +353,14 @@ def abstract_params(config: ModelConfig) -> Any:
   model = Transformer(config)
   init = lambda enc, dec: model.init({"params": jax.random.key(0)}, enc, dec)["params"]
   return jax.eval_shape(init, tokens, tokens)
+
+
+def abstract_params_and_shardings(config: ModelConfig, mesh: jax.sharding.Mesh
+                                  ) -> tuple[Any, Any]:
+  """The params tree as ShapeDtypeStructs, and their NamedShardings on `mesh` (from
+  their logical axis names and `ul2.sharding.LOGICAL_AXIS_RULES`); nothing allocated."""
+  boxed = abstract_params(config)
+  return nn.unbox(boxed), sharding.logical_to_mesh(nn.get_partition_spec(boxed), mesh)
 
 
 def param_count(config: ModelConfig) -> int:

@@ -29,17 +29,6 @@ import sys
 import time
 from typing import Any
 
-# The features a converted batch has (see ul2.data), with and without packing.
-PACKED_FEATURES = {
-    "encoder_input_tokens": "inputs", "encoder_segment_ids": "inputs",
-    "encoder_positions": "inputs", "decoder_input_tokens": "targets",
-    "decoder_target_tokens": "targets", "decoder_loss_weights": "targets",
-    "decoder_segment_ids": "targets", "decoder_positions": "targets",
-    "decoder_denoiser_ids": "targets",
-}
-UNPACKED_FEATURES = {k: v for k, v in PACKED_FEATURES.items()
-                     if "segment_ids" not in k and "positions" not in k}
-
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 GiB = 2**30
@@ -112,6 +101,8 @@ class Plan:
   num_microbatches: int
   scan_layers: bool
   remat_policy: str
+  attention_impl: str           # The choices `loop.build` made for this mesh.
+  loss_impl: str
   param_count: int
   param_bytes_total: int
   opt_state_bytes_total: int
@@ -155,12 +146,11 @@ def abstract_inputs(setup, config) -> tuple[Any, dict[str, Any], Any]:
   """ShapeDtypeStructs (with shardings) of the train step's (state, batch, rng)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from ul2 import checkpoint  # pylint: disable=import-outside-toplevel
+  from ul2 import checkpoint, features  # pylint: disable=import-outside-toplevel
   state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-  features = PACKED_FEATURES if config.pack else UNPACKED_FEATURES
-  batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.task_feature_lengths[v]),
-                                   jnp.int32, sharding=setup.batch_sharding)
-           for k, v in features.items()}
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding)
+           for k, shape in features.batch_shapes(config.batch_size, config.task_feature_lengths,
+                                                 config.pack).items()}
   key = jax.eval_shape(jax.random.key, 0)
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=setup.state_shardings.step)
   return state, batch, rng
@@ -185,7 +175,6 @@ def make_plan(config, num_devices: int, mesh_config=None,
               memory_per_device: int | None = None, num_denoisers: int = 7) -> Plan:
   """Compiles `config`'s train step for `num_devices` devices; nothing is allocated."""
   import jax  # pylint: disable=import-outside-toplevel
-  from ul2 import attention, losses  # pylint: disable=import-outside-toplevel
   from ul2 import compiler, model as model_lib, sharding  # pylint: disable=import-outside-toplevel
   if mesh_config is not None:
     config = dataclasses.replace(config, mesh=mesh_config)
@@ -198,9 +187,8 @@ def make_plan(config, num_devices: int, mesh_config=None,
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
 
-  with jax.set_mesh(mesh):  # What "auto" picks for this mesh: loops over chunks?
-    chunk_loops = (attention.choose(config.model.attention_impl) == "scan"
-                   or losses.choose(config.loss.impl) == "chunked")
+  # What "auto" resolved to for this mesh (`loop.build`): loops over chunks?
+  chunk_loops = setup.config.model.attention_impl == "scan" or setup.config.loss.impl == "chunked"
   loops = config.model.scan_layers or config.num_microbatches > 1 or chunk_loops
   if loops:  # Count every layer, microbatch and chunk: lower (only) the unrolled step.
     unrolled = dataclasses.replace(
@@ -230,6 +218,8 @@ def make_plan(config, num_devices: int, mesh_config=None,
       num_microbatches=config.num_microbatches,
       scan_layers=config.model.scan_layers,
       remat_policy=config.model.remat_policy,
+      attention_impl=setup.config.model.attention_impl,
+      loss_impl=setup.config.loss.impl,
       param_count=sum(math.prod(x.shape) for x in jax.tree.leaves(
           setup.abstract_state.params)),
       param_bytes_total=params_total,
@@ -278,6 +268,7 @@ def format_plan(p: Plan) -> str:
       ("batch", f"{p.batch_size} x {p.lengths['inputs']}/{p.lengths['targets']}, "
                 f"{p.num_microbatches} microbatch(es); scan_layers={p.scan_layers}, "
                 f"remat={p.remat_policy}"),
+      ("attention / loss", f"{p.attention_impl} / {p.loss_impl} (chosen for this mesh)"),
       ("parameters", f"{_count(p.param_count)} ({_gib(p.param_bytes_total)}; "
                      f"{_gib(p.param_bytes)} per device)"),
       ("optimiser state", f"{_gib(p.opt_state_bytes_total)} "

@@ -80,18 +80,9 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def batch_loops_here() -> bool:
-  """Whether "auto" runs ul2's loops over examples or tokens (the chunked attention
-  core and loss) when tracing now: on CPU, and only if the mesh set for tracing
-  (`jax.set_mesh`) does not split the batch. A jit's in_shardings alone do not set
-  that mesh: ul2's loop, plan and CLI trace their steps under `jax.set_mesh`."""
-  if jax.default_backend() != "cpu":
-    return False
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return True
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  return math.prod(sizes.get(axis, 1) for axis in BATCH_AXES) == 1
+def platform(mesh: Mesh) -> str:
+  """The mesh's device platform ("cpu", "gpu", "tpu")."""
+  return mesh.devices.flat[0].platform
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, num_microbatches: int = 1) -> None:

@@ -23,15 +23,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ul2 import losses
+from ul2 import features, losses
 
 Batch = Mapping[str, jax.Array]
 Sums = dict[str, jax.Array]
-
-# The converted-batch features the model takes as keyword arguments.
-MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids",
-                "decoder_segment_ids", "encoder_positions", "decoder_positions")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -67,9 +62,10 @@ class LossConfig:
     if self.impl not in losses.IMPLEMENTATIONS:
       raise ValueError(f"loss impl {self.impl!r}: expected one of {losses.IMPLEMENTATIONS}")
 
-
-def model_inputs(batch: Batch) -> dict[str, jax.Array]:
-  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+  def resolved(self, platform: str, batch_shards: int) -> "LossConfig":
+    """This config with "auto" replaced by the choice for `platform` and a batch split
+    `batch_shards` ways (`ul2.losses.resolve`)."""
+    return dataclasses.replace(self, impl=losses.resolve(self.impl, platform, batch_shards))
 
 
 def summed_loss(params: Any, batch: Batch, *, apply_fn: Callable, loss: LossConfig,
@@ -78,13 +74,14 @@ def summed_loss(params: Any, batch: Batch, *, apply_fn: Callable, loss: LossConf
   targets = batch["decoder_target_tokens"]                             # [b, t]
   weights = batch["decoder_loss_weights"].astype(jnp.float32)          # [b, t]
   variables = {"params": params}
-  if losses.choose(loss.impl) == "chunked":
-    hidden, kernel = apply_fn(variables, **model_inputs(batch), return_hidden=True,
+  # "auto" here (not resolved from a mesh by `resolved`): one device of JAX's default backend.
+  if losses.resolve(loss.impl, jax.default_backend(), 1) == "chunked":
+    hidden, kernel = apply_fn(variables, **features.model_inputs(batch), return_hidden=True,
                               **apply_kwargs)
     objective, per_token = losses.chunked_token_losses(hidden, kernel, targets, weights,
                                                        loss.z_loss)
   else:
-    logits = apply_fn(variables, **model_inputs(batch), **apply_kwargs)
+    logits = apply_fn(variables, **features.model_inputs(batch), **apply_kwargs)
     per_token = losses.token_losses(logits, targets, loss.z_loss)
     objective = jnp.sum(per_token["loss"] * weights)
   return objective, _sums(per_token, batch, num_denoisers)
