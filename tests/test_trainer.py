@@ -1,5 +1,6 @@
 """The pure train step on real meshes: sharding is correct, not only runnable."""
 
+import dataclasses
 import functools
 import math
 
@@ -116,6 +117,22 @@ def test_microbatches_give_the_same_update(num_devices):
   np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_steps_follow_float32(one_device_run):
+  """bfloat16 activations, through `loop.build` and the compiler options it picks for
+  bfloat16 (ul2.compiler): the losses of three steps stay within bfloat16 rounding of
+  float32's, and the float32 parameters stay within 1% of float32's (in norm; Adafactor
+  turns a tiny gradient's flipped sign into a full-size step, so not elementwise)."""
+  batches, reference, ref_params = one_device_run
+  config = make_config()
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16"))
+  losses, params, _ = run_steps(config, batches, jax.devices()[:1])
+  np.testing.assert_allclose(losses, reference, rtol=2e-2)
+  assert losses != reference  # Really bfloat16.
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    assert a.dtype == np.float32
+    assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)
 
 
 def test_batch_not_divisible_by_the_mesh_is_a_clear_error():
