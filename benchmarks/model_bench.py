@@ -80,8 +80,7 @@ def batch(vocab: int, targets: int, seed: int = 0) -> dict:
 def packed_batch(targets: int) -> dict:
   """Batch 8 of real rows from the bundled corpus's `local_ul2` pipeline, packed at
   512/`targets`, with the segment ids and positions `ul2 train` feeds."""
-  from ul2 import data, tasks  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  del tasks  # Registers local_ul2.
+  from ul2 import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
   ds = data.get_dataset("local_ul2", {"inputs": INPUTS, "targets": targets}, "train",
                         batch_size=BATCH, shuffle=False, seed=0, pack=True)
   return next(data.as_numpy(ds))
