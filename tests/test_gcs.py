@@ -3,7 +3,8 @@ arrays through TensorStore), here against a GCS emulator that the fixture starts
 (`tests/gcs_emulator.py` says how each client is pointed at it).
 
 Quick: metrics.jsonl and TensorBoard events on an object store (no appends there)
-keep whole lines across a reopen and a torn write. Slow: `ul2 train` on
+keep whole lines across a reopen and a torn write; `--init_from` finds an ul2
+model_dir there. Slow: `ul2 train` on
 gs://bucket/run is killed (SIGTERM), its newest checkpoint is damaged, and the
 resume sets that step aside, restores the one before with its data position, and
 finishes with the losses of the same run on local disk, bit for bit; `ul2 eval` and
@@ -80,6 +81,15 @@ def test_metrics_on_an_object_store_keep_whole_lines_across_reopens(bucket):
   assert sorted(_events(model_dir / "tensorboard" / "train")) == [
       ("loss", 1, 2.5), ("loss", 2, 2.25), ("loss", 3, 2.0)]
   assert _events(model_dir / "tensorboard" / "eval") == [("loss", 3, 2.125)]
+
+
+def test_init_from_takes_a_model_dir_on_gs(bucket):
+  from ul2 import warm_start  # pylint: disable=import-outside-toplevel
+  (epath.Path(bucket) / "source" / "model_config.json").write_text("{}")
+  assert warm_start.parse(f"{bucket}/source@4") == warm_start.Source(
+      f"{bucket}/source", warm_start.UL2, 4)
+  with pytest.raises(FileNotFoundError, match=f"warm start: {bucket}/nothing does not exist"):
+    warm_start.parse(f"{bucket}/nothing")
 
 
 def _sigterm_at(model_dir, step, timeout=600):
