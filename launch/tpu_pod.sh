@@ -6,10 +6,10 @@
 # the process count and each worker's index itself.
 #
 #   TPU_NAME=ul2-v4 ZONE=us-central2-b ACCELERATOR_TYPE=v4-256 launch/tpu_pod.sh \
-#       --model_dir=/mnt/shared/ul2_20b --gin.TFDS_DATA_DIR="'gs://BUCKET/tfds'"
+#       --model_dir=gs://BUCKET/ul2_20b --gin.TFDS_DATA_DIR="'gs://BUCKET/tfds'"
 #
-# The model_dir must be shared by all workers (Filestore/NFS or a gcsfuse mount):
-# every worker writes its part of each checkpoint there.
+# Every worker writes its part of each checkpoint to the model_dir: a gs:// path
+# (no mount needed; the workers' own credentials) or a shared file system.
 #
 # Arguments are passed to `ul2 train` (more --gin_file flags are parsed after
 # pretrain_ul2.gin; --gin.NAME=VALUE overrides). Environment: TPU_NAME and ZONE

@@ -14,6 +14,10 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gs:// through gcsfs, not TensorFlow's gfile, whose GCS client cannot be pointed at
+# the emulator of tests/test_gcs.py (local paths are unaffected). etils reads this
+# once per process, at its first path, hence here.
+os.environ["EPATH_USE_TF"] = "false"
 
 # One persistent XLA compilation cache for the session, inherited by the `ul2`
 # processes the tests start: identical programs (the same tiny train step in

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
-import shutil
+import os
 import time
 from typing import Any, Callable
 
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from ul2 import quiet
 
@@ -83,9 +83,10 @@ def _meta_digest(meta: dict[str, Any]) -> str:
 class Checkpointer:
   """Save and restore (params, opt_state, meta) by step."""
 
-  def __init__(self, model_dir: str | pathlib.Path, *, keep: int | None = 3,
+  def __init__(self, model_dir: str | os.PathLike, *, keep: int | None = 3,
                async_save: bool = True, read_only: bool = False):
-    self.directory = pathlib.Path(model_dir).absolute() / "checkpoints"
+    path = epath.Path(model_dir)  # Local, or an object store (gs://).
+    self.directory = (path if "://" in os.fspath(path) else path.absolute()) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep,
         save_interval_steps=0 if read_only else 1,
@@ -187,12 +188,19 @@ class Checkpointer:
                        f"steps {sorted(steps)}")
     return step, self.restore(step, abstract_params)[0]
 
-  def set_aside(self, step: int) -> pathlib.Path:
+  def set_aside(self, step: int) -> epath.Path:
     """Moves an unreadable `step` out of the way (to `checkpoints.unreadable/`), so
-    the run can save that step again; nothing is deleted. Call on one process."""
+    the run can save that step again; nothing is deleted. Call on one process.
+    (On an object store the move is a copy and a delete, object by object.)"""
     target = self.directory.parent / "checkpoints.unreadable" / f"{step}.{int(time.time())}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(self.directory / str(step)), str(target))
+    note = target.parent / "README.txt"
+    if "://" in os.fspath(target) and not note.exists():
+      # An object store has no empty folders, and epath renames only into one that
+      # exists: this note makes it exist.
+      note.write_text("Checkpoint steps that did not restore or verify, moved here by "
+                      "`ul2 train` so that the run could save those steps again.\n")
+    (self.directory / str(step)).rename(target)
     return target
 
   def reload(self) -> None:

@@ -29,14 +29,17 @@ replays the pipeline up to there. Each of `num_shards` processes reads shard
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import os
+import tempfile
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
+from etils import epath
 
 from ul2 import denoisers as denoisers_lib
 
@@ -292,38 +295,72 @@ class Stream:
     return {k: np.concatenate([p[k].numpy() for p in parts]) for k in parts[0]}
 
   @staticmethod
-  def shard_dir(directory: str, shard_id: int) -> str:
-    return f"{directory}/shard-{shard_id:05d}"
+  def shard_dir(directory: str | os.PathLike, shard_id: int) -> epath.Path:
+    return epath.Path(directory) / f"shard-{shard_id:05d}"
 
-  def save(self, directory: str) -> str | None:
-    """Writes each shard's position under `directory` (a shard at a time, atomically:
-    a shard directory exists only once complete). Returns why not, writing nothing
-    more, if the pipeline cannot be checkpointed (a Python generator source); write
-    errors (a full disk) raise."""
+  def save(self, directory: str | os.PathLike) -> str | None:
+    """Writes each shard's position under `directory` (local, or an object store:
+    `gs://...`), a shard at a time. Returns why not, writing nothing more, if the
+    pipeline cannot be checkpointed (a Python generator source); write errors (a
+    full disk) raise.
+
+    A local shard directory exists only once complete (written aside, renamed). On
+    an object store the state is written to a local temporary directory and its
+    files are uploaded through `etils.epath`, like the rest of the model_dir; an
+    upload cut short leaves a shard that fails to restore, and the resume replays.
+    """
     for shard_id, iterator in self._iterators.items():
       final = self.shard_dir(directory, shard_id)
-      tmp = f"{final}.tmp-{os.getpid()}"
-      if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-      try:
-        tf.train.Checkpoint(iterator=iterator).write(f"{tmp}/state")
-      except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as e:
-        if tf.io.gfile.exists(tmp):
-          tf.io.gfile.rmtree(tmp)
-        return " ".join(e.message.split())[:200]
-      if tf.io.gfile.exists(final):
-        tf.io.gfile.rmtree(final)
-      tf.io.gfile.rename(tmp, final)
+      remote = _on_object_store(final)
+      with contextlib.ExitStack() as stack:
+        if remote:
+          tmp = epath.Path(stack.enter_context(tempfile.TemporaryDirectory(
+              prefix="ul2-data-state-")))
+        else:
+          tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+          if tmp.exists():
+            tmp.rmtree()
+        try:
+          tf.train.Checkpoint(iterator=iterator).write(os.fspath(tmp / "state"))
+        except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as e:
+          if not remote and tmp.exists():
+            tmp.rmtree()
+          return " ".join(e.message.split())[:200]
+        if final.exists():
+          final.rmtree()
+        if remote:
+          for path in tmp.iterdir():
+            path.copy(final / path.name)
+        else:
+          tmp.rename(final)
     return None
 
-  def has_state(self, directory: str) -> bool:
-    return all(tf.io.gfile.exists(self.shard_dir(directory, i)) for i in self._iterators)
+  def has_state(self, directory: str | os.PathLike) -> bool:
+    return all(self.shard_dir(directory, i).exists() for i in self._iterators)
 
-  def restore(self, directory: str) -> None:
+  def restore(self, directory: str | os.PathLike) -> None:
     """Puts every shard back where `save` left it (raises if any cannot be read)."""
     for shard_id, iterator in self._iterators.items():
-      tf.train.Checkpoint(iterator=iterator).read(
-          f"{self.shard_dir(directory, shard_id)}/state").assert_consumed()
+      with _local(self.shard_dir(directory, shard_id)) as shard:
+        tf.train.Checkpoint(iterator=iterator).read(
+            os.fspath(shard / "state")).assert_consumed()
+
+
+def _on_object_store(path: epath.Path) -> bool:
+  return "://" in os.fspath(path)
+
+
+@contextlib.contextmanager
+def _local(directory: epath.Path) -> Iterator[epath.Path]:
+  """`directory` itself if it is local, else a local temporary copy of its files."""
+  if not _on_object_store(directory):
+    yield directory
+    return
+  with tempfile.TemporaryDirectory(prefix="ul2-data-state-") as tmp:
+    local = epath.Path(tmp)
+    for path in directory.iterdir():
+      path.copy(local / path.name)
+    yield local
 
 
 EXAMPLE_FIELDS = ("denoiser", "mode_token", "inputs", "targets", "inputs_text", "targets_text")

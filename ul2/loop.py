@@ -18,8 +18,6 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
-import shutil
 import signal
 import threading
 from typing import Any, Mapping
@@ -28,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -39,6 +38,7 @@ from ul2 import metrics as metrics_lib
 from ul2 import model as model_lib
 from ul2 import model_settings
 from ul2 import optimizers
+from ul2 import quiet
 from ul2 import run_lock
 from ul2 import sharding
 from ul2 import trainer
@@ -204,8 +204,10 @@ def global_batch(local: Mapping[str, np.ndarray], batch_sharding: NamedSharding
           for k, v in local.items()}
 
 
-def prepare_model_dir(model_dir: str) -> pathlib.Path:
-  path = pathlib.Path(model_dir)
+def prepare_model_dir(model_dir: str) -> epath.Path:
+  """`model_dir` as an `etils.epath` path (local, or an object store: `gs://...`),
+  made and checked to be writable."""
+  path = epath.Path(model_dir)
   try:
     path.mkdir(parents=True, exist_ok=True)
     # One probe per process: several processes may share the directory.
@@ -213,7 +215,8 @@ def prepare_model_dir(model_dir: str) -> pathlib.Path:
     probe.write_text("")
     probe.unlink()
   except OSError as e:
-    raise ValueError(f"model_dir {model_dir!r} is not writable: {e.strerror}") from e
+    raise ValueError(f"model_dir {model_dir!r} is not writable: "
+                     f"{e.strerror or quiet.root_cause(e)}") from e
   return path
 
 
@@ -262,7 +265,7 @@ class _DataPositions:
   tf.data cannot checkpoint (Python generators: JSONL files) fall back to replay.
   """
 
-  def __init__(self, model_dir: pathlib.Path):
+  def __init__(self, model_dir: epath.Path):
     self.root = model_dir / "data_state"
     self._enabled = True
 
@@ -271,7 +274,7 @@ class _DataPositions:
     if not self._enabled:
       return
     directory = self.root / str(step)
-    unsupported = stream.save(str(directory))
+    unsupported = stream.save(directory)
     if unsupported:
       self._enabled = False
       metrics_lib.warn(f"warning: the input pipeline's position cannot be saved ({unsupported}); "
@@ -282,7 +285,10 @@ class _DataPositions:
     if jax.process_index() == 0:  # Drop the positions of rotated-out steps.
       for path in self.root.iterdir():
         if path.name.isdigit() and int(path.name) not in keep and int(path.name) != step:
-          shutil.rmtree(path, ignore_errors=True)
+          try:
+            path.rmtree()
+          except OSError:
+            pass  # Left for the next save to drop.
 
   def restore(self, data: _Data, step: int, settings: Mapping[str, Any]):
     """A stream at `step`'s saved position, or None if there is no usable one."""
@@ -293,10 +299,10 @@ class _DataPositions:
       return None
     stream = data.batches()
     if saved != json.loads(json.dumps(settings, sort_keys=True)) or not stream.has_state(
-        str(directory)):
+        directory):
       return None
     try:
-      stream.restore(str(directory))
+      stream.restore(directory)
     except Exception as e:  # pylint: disable=broad-except  (corrupt state)
       metrics_lib.warn(f"warning: the data position saved with step {step} is unreadable "
                        f"({type(e).__name__}); replaying the data stream instead")
@@ -510,7 +516,7 @@ class Outcome:
   preempted: bool = False
 
 
-def _check_resume(model_dir: pathlib.Path, ckpt: checkpoint_lib.Checkpointer,
+def _check_resume(model_dir: epath.Path, ckpt: checkpoint_lib.Checkpointer,
                   config: TrainConfig) -> None:
   """A resume under a different architecture is one line, not a shape error."""
   if not ckpt.all_steps() or not (model_dir / model_settings.FILENAME).is_file():
@@ -523,7 +529,7 @@ def _check_resume(model_dir: pathlib.Path, ckpt: checkpoint_lib.Checkpointer,
                      "checkpoint's model settings")
 
 
-def _write_records(model_dir: pathlib.Path, config: TrainConfig, operative_config: str | None
+def _write_records(model_dir: epath.Path, config: TrainConfig, operative_config: str | None
                    ) -> None:
   """config.gin (the human-readable record) and model_config.json (the data readers
   use), written only once the config is valid and the restore has succeeded."""
@@ -543,7 +549,10 @@ def _write_records(model_dir: pathlib.Path, config: TrainConfig, operative_confi
       mixture_or_task_name=config.mixture_or_task_name, run=run))
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
+def _atomic_write(path: epath.Path, text: str) -> None:
+  if "://" in os.fspath(path):  # An object is written whole or not at all.
+    path.write_text(text)
+    return
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(path)
@@ -562,7 +571,7 @@ def train(config: TrainConfig, mesh: jax.sharding.Mesh | None = None,
     return _train(config, model_dir, mesh, operative_config)
 
 
-def _train(config: TrainConfig, model_dir: pathlib.Path, mesh: jax.sharding.Mesh | None,
+def _train(config: TrainConfig, model_dir: epath.Path, mesh: jax.sharding.Mesh | None,
            operative_config: str | None) -> Outcome:
   from ul2 import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
   # Bad data, vocabulary or lengths fail here, before anything is built or written.

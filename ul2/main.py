@@ -20,6 +20,7 @@ import logging
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Callable, Sequence
 
 from ul2 import quiet  # Before anything imports TensorFlow or JAX.
@@ -334,11 +335,16 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 @verb("export", "export a checkpoint to Hugging Face T5 format", _export_arguments)
 def _export(args: argparse.Namespace) -> int:
-  """The model comes from DIR/model_config.json: config.gin is never executed."""
+  """The model comes from DIR/model_config.json: config.gin is never executed.
+
+  DIR and OUT may be local or on an object store (`gs://...`); an object-store OUT
+  is written to a local temporary directory first, then uploaded file by file.
+  """
+  from etils import epath  # pylint: disable=import-outside-toplevel
   from ul2 import export, loop, model_settings  # pylint: disable=import-outside-toplevel
   if args.extra:
     raise UserError(f"unrecognised argument {args.extra[0]!r}")
-  out = pathlib.Path(args.output_dir)
+  out = epath.Path(args.output_dir)
   if out.exists() and not out.is_dir():
     raise UserError(f"--output_dir {out} is a file, not a directory")
   if out.is_dir() and any(out.iterdir()) and not args.overwrite:
@@ -346,7 +352,14 @@ def _export(args: argparse.Namespace) -> int:
                     "model files in it")
   settings = _checked(model_settings.read, args.model_dir)
   params, step = _checked(loop.load_params, args.model_dir, settings.model, args.step)
-  _checked(export.save_hf, params, settings.model, settings.vocab_path, out)
+  if "://" in os.fspath(out):
+    with tempfile.TemporaryDirectory(prefix="ul2-export-") as local:
+      _checked(export.save_hf, params, settings.model, settings.vocab_path, local)
+      out.mkdir(parents=True, exist_ok=True)
+      for path in sorted(epath.Path(local).iterdir()):
+        path.copy(out / path.name, overwrite=True)
+  else:
+    _checked(export.save_hf, params, settings.model, settings.vocab_path, out)
   print(f"ul2 export: step {step} of {args.model_dir} -> {out} "
         "(transformers.T5ForConditionalGeneration / AutoTokenizer format)")
   return 0

@@ -8,14 +8,16 @@ is plain addition; `summarize` divides once, at logging time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import pathlib
+import os
 import sys
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown kinds (CPU) report no MFU
 # unless `peak_flops_per_device` is configured.
@@ -61,30 +63,36 @@ def summarize(sums: Mapping[str, Any], denoiser_names: Sequence[str],
 
 
 class MetricsWriter:
-  """Writes `metrics.jsonl` and TensorBoard events; only process 0 writes anything."""
+  """Writes `metrics.jsonl` and TensorBoard events; only process 0 writes anything.
 
-  def __init__(self, model_dir: str | pathlib.Path, enabled: bool = True):
+  `model_dir` is any `etils.epath` path: local, or an object store (`gs://`).
+  """
+
+  def __init__(self, model_dir: str | os.PathLike, enabled: bool = True):
     self.enabled = enabled
     self._jsonl = None
     self._tb = {}
-    self._model_dir = pathlib.Path(model_dir)
+    self._model_dir = epath.Path(model_dir)
     if enabled:
-      path = self._model_dir / "metrics.jsonl"
-      _drop_torn_last_line(path)
-      self._jsonl = open(path, "a", encoding="utf-8")
+      self._jsonl = _Lines(self._model_dir / "metrics.jsonl")
 
   def _tensorboard(self, kind: str):
     if kind not in self._tb:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb[kind] = SummaryWriter(str(self._model_dir / "tensorboard" / kind))
+      logdir = self._model_dir / "tensorboard" / kind
+      if _on_object_store(logdir):
+        _write_events_through_epath(os.fspath(logdir).split("://")[0])
+      # The name has the second and the host; this makes it unique when a run is
+      # reopened within the same second (events files are never appended to).
+      self._tb[kind] = SummaryWriter(os.fspath(logdir), filename_suffix=(
+          f".{os.getpid()}.{next(_EVENT_FILES)}"))
     return self._tb[kind]
 
   def write(self, step: int, metrics: Mapping[str, float], kind: str = "train") -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps(record) + "\n")
     tb = self._tensorboard(kind)
     for name, value in metrics.items():
       if isinstance(value, (int, float)) and math.isfinite(value):
@@ -98,18 +106,93 @@ class MetricsWriter:
       tb.close()
 
 
-def _drop_torn_last_line(path: pathlib.Path) -> None:
-  """A run killed mid-write leaves a partial last line: cut it before appending.
+_EVENT_FILES = itertools.count()
 
+
+def _on_object_store(path: epath.Path) -> bool:
+  return "://" in os.fspath(path)
+
+
+class _Lines:
+  """A text file that grows by whole lines.
+
+  A run killed mid-write leaves a partial last line: it is cut before appending.
   (After a resume, steps between the last checkpoint and the crash appear twice,
   with equal values: the resumed run recomputes them exactly.)
+
+  A local file is appended to and flushed. An object (`gs://`) cannot be appended
+  to, so its text is kept here and every `append` uploads the whole object again:
+  one write, atomic, so a reader never sees a torn line there.
   """
+
+  def __init__(self, path: epath.Path):
+    self._path = path
+    self._file = None
+    if _on_object_store(path):
+      text = path.read_text() if path.exists() else ""
+      self._text = text[:text.rfind("\n") + 1]
+    else:
+      _drop_torn_last_line(path)
+      self._file = open(path, "a", encoding="utf-8")
+
+  def append(self, text: str) -> None:
+    if self._file is None:
+      self._text += text
+      self._path.write_text(self._text)
+    else:
+      self._file.write(text)
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+
+
+def _drop_torn_last_line(path: epath.Path) -> None:
   if not path.exists():
     return
   with open(path, "rb+") as f:
     data = f.read()
     if data and not data.endswith(b"\n"):
       f.truncate(data.rfind(b"\n") + 1)
+
+
+class _EventFile:
+  """A TensorBoard event file on an object store, written through `etils.epath`:
+  objects cannot be appended to, so the records are kept and each flush uploads the
+  whole file (as tensorboardX's own `gs://` writer does, without its separate GCS
+  client). A resumed run starts a new event file."""
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._records = bytearray()
+    self._flushed = 0
+
+  def write(self, data: bytes) -> None:
+    self._records += data
+
+  def flush(self) -> None:
+    if len(self._records) != self._flushed:
+      self._path.write_bytes(bytes(self._records))
+      self._flushed = len(self._records)
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EventFiles:
+  """tensorboardX's writer factory for a URI scheme (`record_writer.open_file`)."""
+
+  def open(self, path: str) -> _EventFile:
+    return _EventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # Object stores have no directories to make.
+
+
+def _write_events_through_epath(scheme: str) -> None:
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+  record_writer.register_writer_factory(scheme, _EventFiles())
 
 
 def _jsonable(value):

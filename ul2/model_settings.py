@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any, Mapping
+
+from etils import epath
 
 from ul2.model import ModelConfig
 
@@ -52,22 +53,27 @@ def architecture_differences(saved: ModelConfig, configured: ModelConfig) -> lis
           if getattr(saved, name) != getattr(configured, name)]
 
 
-def write(model_dir: str | os.PathLike, settings: ModelSettings) -> pathlib.Path:
-  path = pathlib.Path(model_dir) / FILENAME
+def write(model_dir: str | os.PathLike, settings: ModelSettings) -> epath.Path:
+  """Writes `model_dir/model_config.json` (local, or an object store: `gs://...`)."""
+  path = epath.Path(model_dir) / FILENAME
   record = {"model": dataclasses.asdict(settings.model), "vocab_path": settings.vocab_path,
             "extra_ids": settings.extra_ids,
             "task_feature_lengths": dict(settings.task_feature_lengths),
             "mixture_or_task_name": settings.mixture_or_task_name, "run": dict(settings.run)}
+  text = json.dumps(record, indent=2) + "\n"
+  if "://" in os.fspath(path):  # An object is written whole or not at all.
+    path.write_text(text)
+    return path
   tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(record, indent=2) + "\n")
+  tmp.write_text(text)
   tmp.replace(path)
   return path
 
 
 def read(model_dir: str | os.PathLike) -> ModelSettings:
   """The settings in `model_dir`; FileNotFoundError / ValueError in one line."""
-  path = pathlib.Path(model_dir) / FILENAME
-  if not pathlib.Path(model_dir).is_dir():
+  path = epath.Path(model_dir) / FILENAME
+  if not epath.Path(model_dir).is_dir():
     raise FileNotFoundError(f"model_dir {os.fspath(model_dir)!r} is not a directory")
   if not path.is_file():
     raise FileNotFoundError(

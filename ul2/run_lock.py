@@ -11,6 +11,12 @@ flock released) is taken over with one warning naming that holder.
 
 In a multi-process run only process 0 takes the lock; the others write under its
 coordination. `flock` works on local disks and on NFS v4 (byte-range emulation).
+
+An object store (`gs://...`) has no flock, so there the run takes no lock and says
+so in one line, as T5X and MaxText take none: the scheduler runs one job per
+model_dir. A lock object would outlive a preempted holder (the common end of a pod
+job) and block the restart it exists to protect, unless it had a lease and a
+heartbeat; orbax's atomic step directories already keep a checkpoint whole.
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ def hold(model_dir: str | os.PathLike, warn: Callable[[str], None] = print,
          enabled: bool = True) -> Iterator[None]:
   """Holds the model_dir's lock for the duration of the block (no-op if not `enabled`)."""
   if not enabled:
+    yield
+    return
+  if "://" in os.fspath(model_dir):
+    warn(f"note: {os.fspath(model_dir)} is on an object store, which has no file locks: "
+         "ul2 takes no lock there, so run one `ul2 train` at a time on it")
     yield
     return
   path = pathlib.Path(model_dir) / FILENAME

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 from ul2 import infer
 from ul2 import model as model_lib
@@ -119,10 +119,10 @@ class SupervisedEvaluator:
         out[f"eval/{task}/{metric}"] = float(np.asarray(getattr(value, "value", value)))
     if model_dir is not None and jax.process_index() == 0:
       for task, results in predictions.items():
-        self._write(pathlib.Path(model_dir), task, step, results)
+        self._write(epath.Path(model_dir), task, step, results)
     return out
 
-  def _write(self, model_dir: pathlib.Path, task: str, step: int, results: list[dict]) -> None:
+  def _write(self, model_dir: epath.Path, task: str, step: int, results: list[dict]) -> None:
     examples = self._evaluator.cached_task_datasets[task].as_numpy_iterator()
     vocabulary = self._evaluator.eval_tasks[self.tasks.index(task)].output_features[
         "targets"].vocabulary

@@ -41,6 +41,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from ul2 import export, model_settings, sharding
 from ul2 import model as model_lib
@@ -64,13 +65,14 @@ class Source:
 
 
 def parse(path: str) -> Source:
-  """What `path` is: a Hugging Face T5 directory or a ul2 model_dir (`DIR@STEP`)."""
+  """What `path` is: a Hugging Face T5 directory or a ul2 model_dir (`DIR@STEP`; local
+  or on an object store, `gs://...`)."""
   text = str(path)
   step = None
   match = re.fullmatch(r"(.+)@(\d+)", text)
-  if match and not pathlib.Path(text).exists():
+  if match and not epath.Path(text).exists():
     text, step = match.group(1), int(match.group(2))
-  where = pathlib.Path(text)
+  where = epath.Path(text)
   if not where.exists():
     raise FileNotFoundError(f"warm start: {text} does not exist")
   if not where.is_dir():
