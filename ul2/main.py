@@ -3,7 +3,8 @@
     ul2 train   --gin_file=gin/runs/local_tiny.gin --model_dir=DIR [--gin.NAME=VALUE ...]
     ul2 eval    --gin_file=... --model_dir=DIR [--step=N]
     ul2 inspect --task=NAME [--split=train] --num_examples=N --format=jsonl|text [--stats]
-    ul2 export  --model_dir=DIR [--step=N] --output_dir=OUT
+    ul2 export  --model_dir=DIR [--step=N] --output_dir=OUT [--max_shard_size=5GB]
+                [--dtype=float32|bfloat16] [--overwrite]
     ul2 plan    --gin_file=... --num_devices=N --mesh=...
     ul2 infer   (--model_dir=DIR | --hf_dir=DIR) (--task=NAME | --input_file=F)
                 --output_file=OUT.jsonl [--decode=greedy|sample|beam ...] [--score]
@@ -330,12 +331,18 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                       help="where to write the Hugging Face T5 model and tokenizer")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the model files in a non-empty --output_dir")
+  parser.add_argument("--max_shard_size", default="5GB",
+                      help="largest safetensors file, in decimal units as transformers' "
+                      "save_pretrained (5GB, 200MB); bigger models are sharded with "
+                      "model.safetensors.index.json")
+  parser.add_argument("--dtype", default="float32",
+                      help="float32 or bfloat16 (rounded to nearest even)")
 
 
 @verb("export", "export a checkpoint to Hugging Face T5 format", _export_arguments)
 def _export(args: argparse.Namespace) -> int:
   """The model comes from DIR/model_config.json: config.gin is never executed."""
-  from ul2 import export, loop, model_settings  # pylint: disable=import-outside-toplevel
+  from ul2 import export, metrics, model_settings  # pylint: disable=import-outside-toplevel
   if args.extra:
     raise UserError(f"unrecognised argument {args.extra[0]!r}")
   out = pathlib.Path(args.output_dir)
@@ -344,10 +351,14 @@ def _export(args: argparse.Namespace) -> int:
   if out.is_dir() and any(out.iterdir()) and not args.overwrite:
     raise UserError(f"--output_dir {out} is not empty; pass --overwrite to replace the "
                     "model files in it")
+  _checked(export.parse_size, args.max_shard_size)
+  _checked(export.check_dtype, args.dtype)
   settings = _checked(model_settings.read, args.model_dir)
-  params, step = _checked(loop.load_params, args.model_dir, settings.model, args.step)
-  _checked(export.save_hf, params, settings.model, settings.vocab_path, out)
-  print(f"ul2 export: step {step} of {args.model_dir} -> {out} "
+  tokens = _checked(export.token_ids, settings.vocab_path, settings.extra_ids)
+  step = _checked(export.export_checkpoint, args.model_dir, out, settings.model,
+                  settings.vocab_path, tokens=tokens, step=args.step,
+                  max_shard_size=args.max_shard_size, dtype=args.dtype, warn=metrics.warn)
+  print(f"ul2 export: step {step} of {args.model_dir} -> {out} in {args.dtype} "
         "(transformers.T5ForConditionalGeneration / AutoTokenizer format)")
   return 0
 
