@@ -181,6 +181,9 @@ def test_values_that_fail_the_checksum_are_never_committed(tmp_path, capsys):
   assert len(err) == 1 and "checkpoint step 3 is unreadable: its params do not match the " \
       "checksum saved with them" in err[0], err
   assert sorted(p.name for p in out.iterdir()) == ["README.md"]  # Staging removed too.
+  assert _export(model_dir, tmp_path / "new", "--step=3") == 2
+  assert not (tmp_path / "new").exists()
+  capsys.readouterr()
   # Without --step: a warning, and the newest good step (2) is exported.
   assert _export(model_dir, out, "--overwrite") == 0
   captured = capsys.readouterr()

@@ -498,6 +498,7 @@ def write_hf_dir(read: Callable[[tuple[str, ...], int | None], np.ndarray],
   """
   max_shard_size, dtype = parse_size(max_shard_size), check_dtype(dtype)
   out = epath.Path(out_dir)
+  created = not out.exists()
   out.mkdir(parents=True, exist_ok=True)
   staging = out / f".export-{os.getpid()}.tmp"
   if staging.exists():
@@ -518,6 +519,10 @@ def write_hf_dir(read: Callable[[tuple[str, ...], int | None], np.ndarray],
         old.unlink()
     for new in staging.iterdir():
       new.replace(out / new.name)
+  except BaseException:
+    if created:  # Nothing of this export stays behind.
+      out.rmtree()
+    raise
   finally:
     if staging.exists():
       staging.rmtree()
