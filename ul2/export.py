@@ -20,7 +20,7 @@ import json
 import os
 import pathlib
 import re
-import tempfile
+import struct
 from typing import Any, Callable
 
 import ml_dtypes
@@ -448,33 +448,56 @@ def convert(value: np.ndarray, dtype: str) -> np.ndarray:
   return value if dtype == "float32" else value.astype(DTYPES[dtype])
 
 
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+
+
+def write_safetensors(path: epath.Path, tensors: list[HfTensor], dtype: str,
+                      produce: Callable[[HfTensor], np.ndarray]) -> int:
+  """Writes one safetensors file holding `tensors`, a tensor at a time: the header
+  (their dtypes, shapes and offsets) is known from the shapes, so each tensor is
+  `produce`d, written and dropped. safetensors' own writer (`save_file`) takes the
+  whole file's tensors at once and copies each to bytes; this writes the same format
+  (8-byte little-endian header size, JSON header padded to 8 bytes, the raw
+  little-endian data in header order), which safetensors and transformers read back.
+  Returns the data bytes written."""
+  itemsize = np.dtype(DTYPES[dtype]).itemsize
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for t in tensors:
+    size = int(np.prod(t.shape, dtype=np.int64)) * itemsize
+    header[t.key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + size]}
+    offset += size
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  with path.open("wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for t in tensors:
+      value = np.ascontiguousarray(produce(t))
+      if value.shape != t.shape or value.dtype != DTYPES[dtype]:
+        raise ValueError(f"{t.key}: made {value.dtype}{list(value.shape)}, expected "
+                         f"{dtype}{list(t.shape)}")
+      f.write(value.reshape(-1).view(np.uint8).data)  # Little-endian hosts (x86, ARM).
+      del value
+  return offset
+
+
 def write_weights(tensors: list[HfTensor],
                   read: Callable[[tuple[str, ...], int | None], np.ndarray],
                   out: epath.Path, *, max_shard_size: int, dtype: str) -> list[str]:
   """Writes the weights as `save_pretrained` does: `model.safetensors`, or shards and
-  `model.safetensors.index.json` (with `metadata.total_size`), a shard at a time: the
-  memory held is one shard plus one tensor. Returns the file names written."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  `model.safetensors.index.json` (with `metadata.total_size`), a tensor at a time: the
+  memory held is about one tensor, whatever the shard size. Returns the file names."""
   shards = split_into_shards(tensors, max_shard_size, dtype)
   names = shard_filenames(len(shards))
-  weight_map, total_size, total_parameters = {}, 0, 0
-  for name, shard in zip(names, shards):
-    arrays = {}
-    for t in shard:
-      arrays[t.key] = convert(hf_tensor(t, read), dtype)
-      weight_map[t.key] = name
-      total_size += arrays[t.key].nbytes
-      total_parameters += arrays[t.key].size
-    # safetensors writes through a local path; on gs:// one shard is staged locally.
-    if "://" not in os.fspath(out):
-      save_file(arrays, os.fspath(out / name), metadata={"format": "pt"})
-    else:
-      with tempfile.TemporaryDirectory() as tmp:
-        save_file(arrays, os.path.join(tmp, name), metadata={"format": "pt"})
-        epath.Path(tmp, name).copy(out / name)
-    del arrays
+  produce = lambda t: convert(hf_tensor(t, read), dtype)
+  total_size = sum(write_safetensors(out / name, shard, dtype, produce)
+                   for name, shard in zip(names, shards))
   if len(names) > 1:
-    index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size},
+    weight_map = {t.key: name for name, shard in zip(names, shards) for t in shard}
+    parameters = sum(int(np.prod(t.shape, dtype=np.int64)) for t in tensors)
+    index = {"metadata": {"total_parameters": parameters, "total_size": total_size},
              "weight_map": weight_map}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     names.append(INDEX_NAME)
