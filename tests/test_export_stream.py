@@ -195,6 +195,22 @@ def test_values_that_fail_the_checksum_are_never_committed(tmp_path, capsys):
                                 want["encoder.final_layer_norm.weight"])
 
 
+def test_a_truncated_chunk_is_one_line_and_the_previous_step_exports(tmp_path, capsys):
+  model_dir = _model_dir(tmp_path / "run", CONFIG)
+  params_dir = model_dir / "checkpoints" / "2" / "params"
+  largest = max((p for p in params_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+  out = tmp_path / "hf"
+  assert _export(model_dir, out, "--step=2") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "checkpoint step 2 is unreadable: " in err[0], err
+  assert not out.exists()
+  assert _export(model_dir, out) == 0
+  captured = capsys.readouterr()
+  assert "warning: checkpoint step 2 is unreadable" in captured.err
+  assert "ul2 export: step 1 of" in captured.out
+
+
 def test_overwrite_replaces_every_weight_file_of_the_previous_export(tmp_path):
   model_dir = _model_dir(tmp_path / "run", CONFIG)
   out = tmp_path / "hf"

@@ -271,7 +271,7 @@ class ParamsReader:
     self._read: dict[tuple[str, ...], set[int | None]] = {path: set() for path in self._order}
     self._arrays: dict[tuple[str, ...], Any] = {}
     self._context = None
-    self._use_zarr3 = None
+    self._use_zarr3 = self._ocdbt = None  # From the item's _METADATA, at the first read.
 
   def _fail(self, reason: str) -> Unreadable:
     return Unreadable(self.step, reason)
