@@ -80,6 +80,7 @@ def test_chunk_sums_add_up_to_the_fingerprint_of_the_leaf():
   x = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
   whole = np.asarray(checkpoint._leaf_sums([x]))[0]  # pylint: disable=protected-access
   np.testing.assert_array_equal(checkpoint.chunk_sums(x), whole)
+  np.testing.assert_array_equal(checkpoint.chunk_sums(x, block=8), whole)  # Blocks add up.
   by_slice = sum(checkpoint.chunk_sums(x[i], offset=i * 35) for i in range(3))
   np.testing.assert_array_equal(by_slice.astype(np.uint32), whole)
   assert not np.array_equal(checkpoint.chunk_sums(x[::-1]), whole)

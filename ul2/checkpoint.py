@@ -68,15 +68,21 @@ def _leaf_sums(leaves: list[jax.Array]) -> jax.Array:
   return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)
 
 
-def chunk_sums(x: np.ndarray, offset: int = 0) -> np.ndarray:
+def chunk_sums(x: np.ndarray, offset: int = 0, block: int = 1 << 20) -> np.ndarray:
   """`_leaf_sums` of one leaf, in numpy, for a contiguous run of its flat elements that
-  starts at `offset`: the sums of a leaf's chunks add up (modulo 2**32) to its own."""
+  starts at `offset`: the sums of a leaf's chunks add up (modulo 2**32) to its own.
+  Works through `block` elements at a time, so its temporaries stay a few MB."""
   unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
-  bits = np.ascontiguousarray(x).reshape(-1).view(unsigned).astype(np.uint32)
-  index = np.arange(offset, offset + bits.size, dtype=np.uint64).astype(np.uint32)
-  weights = index * np.uint32(2654435761) + np.uint32(1)
-  return np.array([bits.sum(dtype=np.uint32), (bits * weights).sum(dtype=np.uint32)],
-                  np.uint32)
+  flat = np.ascontiguousarray(x).reshape(-1).view(unsigned)
+  total = np.zeros(2, np.uint32)
+  for start in range(0, flat.size, block):
+    bits = flat[start:start + block].astype(np.uint32)
+    index = np.arange(offset + start, offset + start + bits.size,
+                      dtype=np.uint64).astype(np.uint32)
+    weights = index * np.uint32(2654435761) + np.uint32(1)
+    total += np.array([bits.sum(dtype=np.uint32), (bits * weights).sum(dtype=np.uint32)],
+                      np.uint32)
+  return total
 
 
 def _digest(specs: list[tuple[tuple[int, ...], str]], sums: np.ndarray) -> str:
