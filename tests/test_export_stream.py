@@ -290,3 +290,19 @@ def test_tokenizer_ids_and_sentinels_come_from_the_task_vocabulary(tmp_path):
           hf_config["decoder_start_token_id"]) == (2, 0, 0)
   generation = json.loads((out / "generation_config.json").read_text())
   assert generation["eos_token_id"] == 2
+
+
+def test_ul2_export_does_not_import_tensorflow(tmp_path):
+  """The export never needs it; importing it at start-up (to silence it) was ~650 MB
+  of the process's RSS, more than the export's own peak."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  model_dir = _model_dir(tmp_path / "run", CONFIG)
+  code = ("import sys; from ul2 import main; "
+          f"assert main.main(['export', '--model_dir={model_dir}', "
+          f"'--output_dir={tmp_path / 'hf'}']) == 0; "
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-500:]
+  assert result.stderr == "", result.stderr[-500:]

@@ -489,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, extra = build_parser().parse_known_args(argv)
   args.extra = extra
   verbose = bool(os.environ.get("UL2_TRACEBACK"))
-  quiet.startup(verbose)
+  quiet.startup(verbose, tensorflow=args.verb != "export")
   try:
     return VERBS[args.verb][2](args) or 0
   except UserError as e:
