@@ -155,15 +155,21 @@ def test_a_resume_under_another_model_names_the_fields_and_keeps_config_gin(mode
 
 
 @pytest.mark.parametrize("case", ["output is a file", "output not empty", "not a model_dir",
-                                  "no settings", "gin flag", "unknown step"])
+                                  "no settings", "gin flag", "unknown step", "bad shard size",
+                                  "zero shard size", "bad dtype", "settings vocab missing"])
 def test_export_answers_bad_input_in_one_line(case, model_dir, tmp_path, capsys):
   out = tmp_path / "out"
   args = {"output is a file": lambda: out.write_text("x"),
           "output not empty": lambda: (out.mkdir(), (out / "keep.txt").write_text("x")),
-          "no settings": lambda: (model_dir / model_settings.FILENAME).unlink()}
+          "no settings": lambda: (model_dir / model_settings.FILENAME).unlink(),
+          "settings vocab missing": lambda: (model_dir / model_settings.FILENAME).write_text(
+              (model_dir / model_settings.FILENAME).read_text().replace(
+                  str(assets.VOCAB_PATH), str(tmp_path / "gone.model")))}
   args.get(case, lambda: None)()
   source = tmp_path / "missing" if case == "not a model_dir" else model_dir
-  extra = {"gin flag": ["--gin.TRAIN_STEPS=3"], "unknown step": ["--step=7"]}.get(case, [])
+  extra = {"gin flag": ["--gin.TRAIN_STEPS=3"], "unknown step": ["--step=7"],
+           "bad shard size": ["--max_shard_size=5XB"], "zero shard size": ["--max_shard_size=0MB"],
+           "bad dtype": ["--dtype=float16"]}.get(case, [])
   assert main.main(["export", f"--model_dir={source}", f"--output_dir={out}", *extra]) == 2
   line = _one_error(capsys, "export")
   assert {"output is a file": "is a file, not a directory",
@@ -171,9 +177,15 @@ def test_export_answers_bad_input_in_one_line(case, model_dir, tmp_path, capsys)
           "not a model_dir": "is not a directory",
           "no settings": "model_config.json not found",
           "gin flag": "unrecognised argument '--gin.TRAIN_STEPS=3'",
-          "unknown step": "no checkpoint for step 7"}[case] in line, line
+          "unknown step": "no checkpoint for step 7",
+          "bad shard size": "max_shard_size '5XB' is not a size like 5GB or 200MB",
+          "zero shard size": "max_shard_size '0MB' must be positive",
+          "bad dtype": "dtype 'float16' is not one of float32, bfloat16",
+          "settings vocab missing": "gone.model cannot be read"}[case] in line, line
   if case == "output not empty":
     assert (out / "keep.txt").read_text() == "x"
+  elif case != "output is a file":
+    assert not out.exists()  # Nothing written.
 
 
 def test_eval_takes_no_gin(model_dir, capsys):

@@ -67,12 +67,33 @@ def _leaf_sums(leaves: list[jax.Array]) -> jax.Array:
   return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)
 
 
+def chunk_sums(x: np.ndarray, offset: int = 0, block: int = 1 << 20) -> np.ndarray:
+  """`_leaf_sums` of one leaf, in numpy, for a contiguous run of its flat elements that
+  starts at `offset`: the sums of a leaf's chunks add up (modulo 2**32) to its own.
+  Works through `block` elements at a time, so its temporaries stay a few MB."""
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+  flat = np.ascontiguousarray(x).reshape(-1).view(unsigned)
+  total = np.zeros(2, np.uint32)
+  for start in range(0, flat.size, block):
+    bits = flat[start:start + block].astype(np.uint32)
+    index = np.arange(offset + start, offset + start + bits.size,
+                      dtype=np.uint64).astype(np.uint32)
+    weights = index * np.uint32(2654435761) + np.uint32(1)
+    total += np.array([bits.sum(dtype=np.uint32), (bits * weights).sum(dtype=np.uint32)],
+                      np.uint32)
+  return total
+
+
+def _digest(specs: list[tuple[tuple[int, ...], str]], sums: np.ndarray) -> str:
+  digest = hashlib.sha256(repr(specs).encode())
+  digest.update(np.asarray(sums, np.uint32).reshape(-1, 2).tobytes())
+  return digest.hexdigest()[:32]
+
+
 def fingerprint(tree: Any) -> str:
   """A hex digest of the values, shapes and dtypes of the arrays in `tree`."""
   leaves = jax.tree.leaves(tree)
-  digest = hashlib.sha256(repr([(x.shape, str(x.dtype)) for x in leaves]).encode())
-  digest.update(np.asarray(_leaf_sums(leaves)).tobytes())
-  return digest.hexdigest()[:32]
+  return _digest([(x.shape, str(x.dtype)) for x in leaves], np.asarray(_leaf_sums(leaves)))
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
@@ -150,6 +171,26 @@ class Checkpointer:
           raise Unreadable(step, f"its {name} do not match the checksum saved with them")
     return restored["params"], restored.get("opt_state"), meta
 
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    """The `meta` item of `step` alone, its own checksum verified (`Unreadable` if not)."""
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = meta["meta"]
+    except Exception as e:  # pylint: disable=broad-except  (anything: the files are bad)
+      raise Unreadable(step, quiet.root_cause(e)) from e
+    if not isinstance(meta, dict):
+      raise Unreadable(step, "its meta item is not a JSON object")
+    checksums = meta.get("checksums")
+    if checksums is not None and checksums.get("meta") != _meta_digest(meta):
+      raise Unreadable(step, "its meta do not match the checksum saved with them")
+    return dict(meta)
+
+  def params_reader(self, step: int, abstract_params: Any) -> "ParamsReader":
+    """A `ParamsReader` of `step` (export): its leaves one at a time, verified at the end."""
+    meta = self.restore_meta(step)
+    return ParamsReader(epath.Path(self.directory) / str(step) / "params", step,
+                        abstract_params, (meta.get("checksums") or {}).get("params"))
+
   def restore_newest_good(self, abstract_params: Any, abstract_opt_state: Any | None = None,
                           warn: Callable[[str], None] = print
                           ) -> tuple[int, Any, Any, dict[str, Any]] | None:
@@ -213,6 +254,106 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class ParamsReader:
+  """The parameters of one checkpoint step read a leaf, or a slice of a leaf, at a time
+  (TensorStore, straight from orbax's files), so a reader holds one tensor, never the
+  tree. Every read is folded into the parameters' fingerprint; `verify` reads what was
+  not read yet and compares it with the checksum saved with the step, so a consumer
+  (the streaming export) commits its output only after `verify` returns.
+
+      reader = ckpt.params_reader(step, abstract_params)
+      x = reader.read(("encoder", "layers", "mlp", "wo", "kernel"), index=3)  # layer 3
+      reader.verify()  # Unreadable if the bits differ from the saved checksum
+
+  `abstract_params` (the model's unboxed abstract tree) names the leaves, their order
+  and their expected shapes and dtypes; a checkpoint of another structure is `Unreadable`.
+  """
+
+  def __init__(self, directory: epath.Path, step: int, abstract_params: Any,
+               checksum: str | None):
+    self.step = step
+    self._directory = directory
+    self._checksum = checksum
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    self._order = [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
+    self._specs = {path: (tuple(int(d) for d in x.shape), str(np.dtype(x.dtype)))
+                   for path, (_, x) in zip(self._order, flat)}
+    self._sums = {path: np.zeros(2, np.uint32) for path in self._order}
+    self._read: dict[tuple[str, ...], set[int | None]] = {path: set() for path in self._order}
+    self._arrays: dict[tuple[str, ...], Any] = {}
+    self._context = None
+    self._use_zarr3 = self._ocdbt = None  # From the item's _METADATA, at the first read.
+
+  def _fail(self, reason: str) -> Unreadable:
+    return Unreadable(self.step, reason)
+
+  def _array(self, path: tuple[str, ...]) -> Any:
+    if path in self._arrays:
+      return self._arrays[path]
+    import tensorstore as ts  # pylint: disable=import-outside-toplevel
+    if path not in self._specs:
+      raise KeyError(f"the model has no parameter {'/'.join(path)}")
+    try:
+      if self._use_zarr3 is None:
+        metadata = json.loads((self._directory / "_METADATA").read_text())
+        self._use_zarr3 = bool(metadata.get("use_zarr3", False))
+        self._ocdbt = bool(metadata.get("use_ocdbt", True))
+        self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
+      info = ocp.type_handlers.ParamInfo(name=".".join(path), parent_dir=self._directory,
+                                         use_zarr3=self._use_zarr3, ts_context=self._context)
+      spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
+      array = ts.open(spec, open=True, read=True, context=self._context).result()
+    except Exception as e:  # pylint: disable=broad-except  (missing or garbage files)
+      raise self._fail(f"cannot open its parameter {'/'.join(path)} "
+                       f"({quiet.root_cause(e)})") from e
+    shape, dtype = self._specs[path]
+    found = (tuple(int(d) for d in array.shape), str(np.dtype(array.dtype.numpy_dtype)))
+    if found != (shape, dtype):
+      raise self._fail(f"its parameter {'/'.join(path)} is {found[1]}{list(found[0])}, "
+                       f"the model's is {dtype}{list(shape)}")
+    self._arrays[path] = array
+    return array
+
+  def read(self, path: tuple[str, ...], index: int | None = None) -> np.ndarray:
+    """Leaf `path` (`index`: only its slice `[index]`, e.g. one layer of a scanned stack)."""
+    array = self._array(path)
+    try:
+      value = np.asarray((array if index is None else array[index]).read().result())
+    except Exception as e:  # pylint: disable=broad-except  (a truncated or corrupt chunk)
+      raise self._fail(f"cannot read its parameter {'/'.join(path)} "
+                       f"({quiet.root_cause(e)})") from e
+    done = self._read[path]  # Each element counts once, however often it is read.
+    if index is None and None not in done:
+      self._sums[path] = chunk_sums(value)
+      done.clear()
+      done.add(None)
+    elif index is not None and None not in done and index not in done:
+      offset = index * int(np.prod(self._specs[path][0][1:], dtype=np.int64))
+      self._sums[path] = self._sums[path] + chunk_sums(value, offset)
+      done.add(index)
+    return value
+
+  def _complete(self, path: tuple[str, ...]) -> bool:
+    done, shape = self._read[path], self._specs[path][0]
+    return None in done or (bool(shape) and len(done) == shape[0])
+
+  def verify(self) -> None:
+    """Reads the leaves (or slices) not read yet and checks the fingerprint of the whole
+    against the checksum saved with the step; `Unreadable` if they differ. Checkpoints
+    saved without checksums are trusted."""
+    if self._checksum is None:
+      return
+    for path in self._order:
+      if not self._complete(path):
+        self._read[path].clear()
+        self.read(path)
+    sums = np.stack([self._sums[path] for path in self._order]) if self._order else (
+        np.zeros((0, 2), np.uint32))
+    specs = [self._specs[path] for path in self._order]
+    if _digest(specs, sums) != self._checksum:
+      raise self._fail("its params do not match the checksum saved with them")
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -40,7 +40,9 @@ from flax import linen as nn
 from ul2 import losses
 from ul2.model import ModelConfig, Transformer
 
+# seqio's convention, whatever the vocabulary: id 0 pads and starts the decoder.
 PAD_ID = 0
+# T5's EOS, the default only: callers pass their vocabulary's (`vocabulary.eos_id`).
 EOS_ID = 1
 # "Minus infinity" for scores: finite, so sums and divisions stay ordered (HF's value).
 NEG_INF = -1.0e9

@@ -212,12 +212,12 @@ def mode_token_ids(vocab: Any, mode_token: str | None) -> tuple[int, ...]:
   return tuple(vocab.encode(mode_token))
 
 
-def _fit(ids: Sequence[int], limit: int) -> tuple[tuple[int, ...], bool]:
+def _fit(ids: Sequence[int], limit: int, eos: int) -> tuple[tuple[int, ...], bool]:
   """ids + EOS, cut to `limit` tokens keeping the EOS; whether it was cut."""
   ids = tuple(ids)
   if len(ids) + 1 > limit:
-    return ids[:limit - 1] + (decoding.EOS_ID,), True
-  return ids + (decoding.EOS_ID,), False
+    return ids[:limit - 1] + (eos,), True
+  return ids + (eos,), False
 
 
 def tokenize(texts: Sequence[tuple[str, str | None]], model: Model, options: Options,
@@ -226,13 +226,15 @@ def tokenize(texts: Sequence[tuple[str, str | None]], model: Model, options: Opt
   model takes and targets longer than --max_decode_length are cut (returns how
   many were)."""
   prefix = mode_token_ids(model.vocabulary, mode_token)
+  eos = model.vocabulary.eos_id
   examples, cut = [], 0
   for text, targets in texts:
     input_ids, cut_in = _fit(prefix + tuple(model.vocabulary.encode(text)),
-                             model.max_inputs_length)
+                             model.max_inputs_length, eos)
     target_ids, cut_out = None, False
     if targets is not None:
-      target_ids, cut_out = _fit(model.vocabulary.encode(targets), options.max_decode_length)
+      target_ids, cut_out = _fit(model.vocabulary.encode(targets), options.max_decode_length,
+                                 eos)
     cut += cut_in or cut_out
     examples.append(Example(text, input_ids, targets, target_ids))
   return examples, cut
@@ -262,10 +264,10 @@ def task_examples(name: str, split: str, model: Model, options: Options,
   for ex in ds.as_numpy_iterator():
     ins = [int(t) for t in ex["inputs"] if t]
     outs = [int(t) for t in ex["targets"] if t]
-    ins = ins[:-1] if ins and ins[-1] == decoding.EOS_ID else ins
-    outs = outs[:-1] if outs and outs[-1] == decoding.EOS_ID else outs
-    input_ids, cut_in = _fit(prefix + tuple(ins), model.max_inputs_length)
-    target_ids, cut_out = _fit(outs, options.max_decode_length)
+    ins = ins[:-1] if ins and ins[-1] == vocab.eos_id else ins
+    outs = outs[:-1] if outs and outs[-1] == vocab.eos_id else outs
+    input_ids, cut_in = _fit(prefix + tuple(ins), model.max_inputs_length, vocab.eos_id)
+    target_ids, cut_out = _fit(outs, options.max_decode_length, vocab.eos_id)
     cut += cut_in or cut_out
     examples.append(Example(vocab.decode(list(input_ids)), input_ids,
                             vocab.decode(list(target_ids)), target_ids))
@@ -285,8 +287,10 @@ def bucket(length: int, limit: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def decode_fn(config: model_lib.ModelConfig, options: Options) -> Callable:
-  """Jitted (params, inputs, targets, keys) -> (tokens [b, t], logprobs [b], scores [b])."""
+def decode_fn(config: model_lib.ModelConfig, options: Options,
+              eos_id: int = decoding.EOS_ID) -> Callable:
+  """Jitted (params, inputs, targets, keys) -> (tokens [b, t], logprobs [b], scores [b]);
+  `eos_id`: the vocabulary's."""
   if options.score:
     def fn(params, inputs, targets, keys):
       del keys
@@ -297,7 +301,8 @@ def decode_fn(config: model_lib.ModelConfig, options: Options) -> Callable:
       del targets, keys
       tokens, scores, logprobs = decoding.beam_search(
           params, config, inputs, num_beams=options.num_beams,
-          max_decode_length=options.max_decode_length, alpha=options.length_penalty)
+          max_decode_length=options.max_decode_length, alpha=options.length_penalty,
+          eos_id=eos_id)
       return tokens[:, 0], logprobs[:, 0], scores[:, 0]
   else:
     temperature = options.temperature if options.decode == "sample" else 0.0
@@ -305,13 +310,14 @@ def decode_fn(config: model_lib.ModelConfig, options: Options) -> Callable:
       del targets
       tokens, logprobs = decoding.sample(
           params, config, inputs, max_decode_length=options.max_decode_length,
-          temperature=temperature, top_k=options.top_k, top_p=options.top_p, rng=keys)
+          temperature=temperature, top_k=options.top_k, top_p=options.top_p, rng=keys,
+          eos_id=eos_id)
       return tokens, logprobs, logprobs
   return jax.jit(fn, compiler_options=compiler.compiler_options(dtype=config.dtype))
 
 
-def _until_eos(row: np.ndarray) -> list[int]:
-  ends = np.flatnonzero(row == decoding.EOS_ID)
+def _until_eos(row: np.ndarray, eos: int) -> list[int]:
+  ends = np.flatnonzero(row == eos)
   return row[:ends[0] + 1].tolist() if ends.size else row.tolist()
 
 
@@ -339,7 +345,8 @@ def run(model: Model, examples: Sequence[Example], options: Options,
   rows = -(-options.batch_size // dp) * dp
   batch_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
   # The implementation choices ("auto" attention, compiler options), made once for the mesh.
-  fn = decode_fn(model.config.resolved(sharding.platform(mesh), dp), options)
+  fn = decode_fn(model.config.resolved(sharding.platform(mesh), dp), options,
+                 model.vocabulary.eos_id)
   base_key = jax.random.key(options.seed)
   order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
   results: list[dict | None] = [None] * len(examples)
@@ -373,7 +380,7 @@ def run(model: Model, examples: Sequence[Example], options: Options,
       if options.score:
         tokens += len(e.target_ids)
       else:
-        pred = _until_eos(out_tokens[r])
+        pred = _until_eos(out_tokens[r], model.vocabulary.eos_id)
         tokens += len(pred)
         result.update(prediction=model.vocabulary.decode(pred), prediction_ids=pred)
       result["score"] = float(logprobs[r])

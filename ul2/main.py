@@ -3,7 +3,8 @@
     ul2 train   --gin_file=gin/runs/local_tiny.gin --model_dir=DIR [--gin.NAME=VALUE ...]
     ul2 eval    --gin_file=... --model_dir=DIR [--step=N]
     ul2 inspect --task=NAME [--split=train] --num_examples=N --format=jsonl|text [--stats]
-    ul2 export  --model_dir=DIR [--step=N] --output_dir=OUT
+    ul2 export  --model_dir=DIR [--step=N] --output_dir=OUT [--max_shard_size=5GB]
+                [--dtype=float32|bfloat16] [--overwrite]
     ul2 plan    --gin_file=... --num_devices=N --mesh=...
     ul2 infer   (--model_dir=DIR | --hf_dir=DIR) (--task=NAME | --input_file=F)
                 --output_file=OUT.jsonl [--decode=greedy|sample|beam ...] [--score]
@@ -331,6 +332,12 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                       help="where to write the Hugging Face T5 model and tokenizer")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the model files in a non-empty --output_dir")
+  parser.add_argument("--max_shard_size", default="5GB",
+                      help="largest safetensors file, in decimal units as transformers' "
+                      "save_pretrained (5GB, 200MB); bigger models are sharded with "
+                      "model.safetensors.index.json")
+  parser.add_argument("--dtype", default="float32",
+                      help="float32 or bfloat16 (rounded to nearest even)")
 
 
 @verb("export", "export a checkpoint to Hugging Face T5 format", _export_arguments)
@@ -341,7 +348,7 @@ def _export(args: argparse.Namespace) -> int:
   is written to a local temporary directory first, then uploaded file by file.
   """
   from etils import epath  # pylint: disable=import-outside-toplevel
-  from ul2 import export, loop, model_settings  # pylint: disable=import-outside-toplevel
+  from ul2 import export, metrics, model_settings  # pylint: disable=import-outside-toplevel
   if args.extra:
     raise UserError(f"unrecognised argument {args.extra[0]!r}")
   out = epath.Path(args.output_dir)
@@ -350,17 +357,25 @@ def _export(args: argparse.Namespace) -> int:
   if out.is_dir() and any(out.iterdir()) and not args.overwrite:
     raise UserError(f"--output_dir {out} is not empty; pass --overwrite to replace the "
                     "model files in it")
+  _checked(export.parse_size, args.max_shard_size)
+  _checked(export.check_dtype, args.dtype)
   settings = _checked(model_settings.read, args.model_dir)
-  params, step = _checked(loop.load_params, args.model_dir, settings.model, args.step)
+  tokens = _checked(export.token_ids, settings.vocab_path, settings.extra_ids)
+
+  def export_to(directory):
+    return _checked(export.export_checkpoint, args.model_dir, directory, settings.model,
+                    settings.vocab_path, tokens=tokens, step=args.step,
+                    max_shard_size=args.max_shard_size, dtype=args.dtype, warn=metrics.warn)
+
   if "://" in os.fspath(out):
     with tempfile.TemporaryDirectory(prefix="ul2-export-") as local:
-      _checked(export.save_hf, params, settings.model, settings.vocab_path, local)
+      step = export_to(pathlib.Path(local))
       out.mkdir(parents=True, exist_ok=True)
       for path in sorted(epath.Path(local).iterdir()):
         path.copy(out / path.name, overwrite=True)
   else:
-    _checked(export.save_hf, params, settings.model, settings.vocab_path, out)
-  print(f"ul2 export: step {step} of {args.model_dir} -> {out} "
+    step = export_to(out)
+  print(f"ul2 export: step {step} of {args.model_dir} -> {out} in {args.dtype} "
         "(transformers.T5ForConditionalGeneration / AutoTokenizer format)")
   return 0
 
@@ -491,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, extra = build_parser().parse_known_args(argv)
   args.extra = extra
   verbose = bool(os.environ.get("UL2_TRACEBACK"))
-  quiet.startup(verbose)
+  quiet.startup(verbose, tensorflow=args.verb != "export")
   try:
     return VERBS[args.verb][2](args) or 0
   except UserError as e:
