@@ -273,3 +273,7 @@ register_supervised_task(
     "local_title",
     text_glob={"train": str(assets.TITLE_TRAIN), "validation": str(assets.TITLE_VALIDATION)},
     mode_token=denoisers_lib.NLU, metrics=("accuracy",))
+register_supervised_task(
+    "local_word",
+    text_glob={"train": str(assets.WORD_TRAIN), "validation": str(assets.WORD_VALIDATION)},
+    mode_token=denoisers_lib.NLU, metrics=("accuracy",))
