@@ -269,8 +269,8 @@ def test_train_with_a_bad_init_from_is_one_line(case, tmp_path, hf_model, capsys
 @pytest.mark.slow
 def test_finetune_gin_trains_the_bundled_task_and_logs_its_metric(tmp_path, capsys):
   """gin/runs/finetune.gin, shrunk: the loss falls, the eval decodes the validation
-  split and logs eval/local_title/accuracy, and writes the predictions."""
-  model_dir = tmp_path / "title"
+  split and logs eval/local_word/accuracy, and writes the predictions."""
+  model_dir = tmp_path / "word"
   assert main.main(["train", f"--gin_file={REPO / 'gin' / 'runs' / 'finetune.gin'}",
                     f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=40", "--gin.EVAL_PERIOD=40",
                     "--gin.LOG_PERIOD=10", "--gin.CHECKPOINT_PERIOD=40",
@@ -279,13 +279,13 @@ def test_finetune_gin_trains_the_bundled_task_and_logs_its_metric(tmp_path, caps
   losses = [r["loss"] for r in records if "loss" in r]
   assert losses[-1] < losses[0] - 1.0
   (evaluation,) = [r for r in records if "eval/loss" in r]
-  assert 0.0 <= evaluation["eval/local_title/accuracy"] <= 100.0
-  assert "local_title/accuracy" in capsys.readouterr().out
+  assert 0.0 <= evaluation["eval/local_word/accuracy"] <= 100.0
+  assert "local_word/accuracy" in capsys.readouterr().out
   predictions = [json.loads(l) for l in
-                 (model_dir / "inference" / "local_title-40.jsonl").read_text().splitlines()]
-  assert len(predictions) == 121 and {"inputs", "targets", "prediction"} <= set(predictions[0])
+                 (model_dir / "inference" / "local_word-40.jsonl").read_text().splitlines()]
+  assert len(predictions) == 329 and {"inputs", "targets", "prediction"} <= set(predictions[0])
   assert sum(p["prediction"] == p["targets"] for p in predictions) == round(
-      evaluation["eval/local_title/accuracy"] * 121 / 100)
+      evaluation["eval/local_word/accuracy"] * 329 / 100)
 
 
 # ------------------------------------------- gin/models/from_hf.gin: the source's model
