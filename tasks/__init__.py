@@ -6,8 +6,8 @@
 * `local_title`: a supervised task from the bundled corpus: name the Python help
   topic a paragraph of the Python documentation comes from (`[NLU]`, accuracy);
   built by ul2/assets/build_title_task.py.
-* `local_word`: a supervised task from the bundled corpus: restore the common word
-  (one of the eight most frequent) removed from a passage (`[NLU]`, accuracy); built by ul2/assets/build_word_task.py, the
+* `local_word`: a supervised task from the bundled corpus: restore the word removed
+  from a passage (`[NLU]`, accuracy); built by ul2/assets/build_word_task.py, the
   default of gin/runs/finetune.gin. Supervised tasks and mixtures of them
   are registered by `register_supervised_task` and `register_mixture` (see
   tasks/supervised.py).

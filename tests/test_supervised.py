@@ -220,21 +220,16 @@ def test_the_bundled_word_task():
   records = {split: [json.loads(l) for l in path.read_text().splitlines()]
              for split, path in (("train", assets.WORD_TRAIN),
                                  ("validation", assets.WORD_VALIDATION))}
-  assert len(records["train"]) == build_word_task.TRAIN_EXAMPLES
-  assert len(records["validation"]) > 300
-  assert assets.WORD_TRAIN.stat().st_size + assets.WORD_VALIDATION.stat().st_size < 1e6
-  # Each input is a corpus line's first words with one common word blanked: training
-  # ones from train.txt, validation ones from validation.txt (text pre-training never saw).
+  assert len(records["train"]) > 5000 and len(records["validation"]) > 300
+  assert assets.WORD_TRAIN.stat().st_size + assets.WORD_VALIDATION.stat().st_size < 2e6
+  # Each input is a corpus line's first words with one word blanked: training ones
+  # from train.txt, validation ones from validation.txt (text pre-training never saw).
   for split, text in (("train", assets.TRAIN_TEXT), ("validation", assets.VALIDATION_TEXT)):
     lines = {" ".join(l.split()[:build_word_task.MAX_WORDS]) for l in text.read_text().splitlines()}
     for r in records[split]:
       assert r["inputs"].split().count(build_word_task.BLANK) == 1
-      assert r["targets"].lower() in build_word_task.WORDS
+      assert r["targets"].isalpha() and len(r["targets"]) >= build_word_task.MIN_LETTERS
       assert r["inputs"].replace(build_word_task.BLANK, r["targets"], 1) in lines
-  # The word is drawn uniformly among those a passage holds: no word is most of them.
-  counts = collections.Counter(r["targets"].lower() for r in records["validation"])
-  assert set(counts) == set(build_word_task.WORDS)
-  assert max(counts.values()) < 0.2 * len(records["validation"])
   examples = _examples("local_word", "validation", {"inputs": 128, "targets": 8})
   assert len(examples) == len(records["validation"])
   nlu = _vocab().tokenizer.piece_to_id("[NLU]")

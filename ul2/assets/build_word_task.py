@@ -1,25 +1,22 @@
 """Builds the supervised task `local_word`: ``word_train.jsonl``, ``word_validation.jsonl``.
 
-The task: restore the common word removed from a passage of the corpus, e.g.
+The task: restore the word removed from a passage of Python's documentation, e.g.
 
-    {"inputs": "The film had first screened ____ the same location in 1998.",
-     "targets": "at"}
+    {"inputs": "Assignment statements are used to (re)bind ____ to values and to
+      modify attributes or items of mutable objects:",
+     "targets": "names"}
 
-where the removed word is one of ``WORDS``, the eight most frequent words of
-``train.txt`` (as written: "The" and "the" are both "the"'s). Made from the bundled
-corpus only, with no download: a passage is a line's first ``MAX_WORDS`` words; one
-of the ``WORDS`` it holds is chosen uniformly, then one of its places, and replaced
-by ``BLANK`` (seeded: the build is deterministic). Validation examples come from
-``validation.txt`` (every line that holds one of the words: text pre-training never
-saw); training examples are ``TRAIN_EXAMPLES`` of the lines of ``train.txt``, drawn
-at random: a few labels, as downstream tasks have.
+Made from the bundled corpus only, with no download: each line of ``train.txt``
+gives one training example and each line of ``validation.txt`` one validation
+example (so no validation passage is in the pre-training text). A passage is the
+line's first ``MAX_WORDS`` words; one of its words made only of letters (at least
+``MIN_LETTERS``) is chosen at random (seeded: the build is deterministic) and
+replaced by ``BLANK``; the target is the word as it was written.
 
-Why this task: which of eight function words fits a gap is syntax, which a model
-pre-trained on the corpus has learnt from millions of tokens and one trained from
-scratch must learn from a few hundred one-word targets; it is scored by accuracy,
-and a tiny model fine-tunes on it in about a minute on 2 CPU cores. (`local_title`,
-naming a paragraph's help topic, is keyword matching: a model from scratch learns it
-as well as a pre-trained one at this scale.)
+Why this task: it needs knowledge of the language (which word fits here), which a
+model pre-trained on ``train.txt`` has and one trained from scratch on these
+examples must learn from a few thousand targets of one word each; it is scored by
+exact-match accuracy, and a tiny model fine-tunes on it in minutes on 2 CPU cores.
 
 Usage (deterministic)::
 
@@ -32,54 +29,42 @@ import argparse
 import json
 import pathlib
 import random
+import re
 
-WORDS = ("the", "of", "and", "in", "to", "a", "is", "for")
 MAX_WORDS = 48
+MIN_LETTERS = 3
 BLANK = "____"
-TRAIN_EXAMPLES = 500
 SEED = 0
 HERE = pathlib.Path(__file__).parent
+WORD = re.compile(r"[A-Za-z]+")
 
 
 def example(line: str, rng: random.Random) -> dict[str, str] | None:
-  """A passage of `line` with one of `WORDS` blanked, and that word as written; None
-  if the passage holds none of them."""
+  """A passage of `line` with one word blanked, and that word; None if it has none."""
   words = line.split()[:MAX_WORDS]
-  places: dict[str, list[int]] = {}
-  for i, word in enumerate(words):
-    if word.lower() in WORDS:
-      places.setdefault(word.lower(), []).append(i)
-  if not places:
+  candidates = [i for i, w in enumerate(words)
+                if len(w) >= MIN_LETTERS and WORD.fullmatch(w)]
+  if not candidates:
     return None
-  i = rng.choice(places[rng.choice(sorted(places))])
+  i = rng.choice(candidates)
   target, words[i] = words[i], BLANK
   return {"inputs": " ".join(words), "targets": target}
 
 
 def examples(lines: list[str], seed: int = SEED) -> list[dict[str, str]]:
   rng = random.Random(seed)
-  made = (example(line, rng) for line in lines)
+  made = (example(line, rng) for line in lines if line.strip())
   return [e for e in made if e is not None]
-
-
-def sample(records: list[dict[str, str]], n: int | None, seed: int = SEED
-           ) -> list[dict[str, str]]:
-  """`n` of `records` drawn at random, in their order (all of them for None)."""
-  if n is None or n >= len(records):
-    return records
-  return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), n))]
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--corpus_dir", type=pathlib.Path, default=HERE)
   parser.add_argument("--output_dir", type=pathlib.Path, default=HERE)
-  parser.add_argument("--train_examples", type=int, default=TRAIN_EXAMPLES)
   args = parser.parse_args()
-  for which, name, n in (("train", "train.txt", args.train_examples),
-                         ("validation", "validation.txt", None)):
+  for which, name in (("train", "train.txt"), ("validation", "validation.txt")):
     lines = (args.corpus_dir / name).read_text(encoding="utf-8").splitlines()
-    records = sample(examples(lines), n)
+    records = examples(lines)
     path = args.output_dir / f"word_{which}.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                     encoding="utf-8")
