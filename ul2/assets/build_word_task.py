@@ -14,9 +14,12 @@ line's first ``MAX_WORDS`` words; one of its words made only of letters (at leas
 replaced by ``BLANK``; the target is the word as it was written.
 
 Why this task: it needs knowledge of the language (which word fits here), which a
-model pre-trained on ``train.txt`` has and one trained from scratch on these
-examples must learn from a few thousand targets of one word each; it is scored by
-exact-match accuracy, and a tiny model fine-tunes on it in minutes on 2 CPU cores.
+model pre-trained on ``train.txt`` brings and one trained from scratch must learn
+from a few thousand one-word targets; it is scored by exact-match accuracy, and a
+tiny model fine-tunes on it in about a minute on 2 CPU cores. Measured (README,
+"Warm start and fine-tuning"): from the Quickstart's checkpoint the validation loss
+is 0.56 nats below the best run from scratch, but the accuracy is not yet above the
+answer "the" for either.
 
 Usage (deterministic)::
 
