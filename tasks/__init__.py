@@ -1,11 +1,14 @@
-"""seqio tasks for UL2. Importing this package registers three of them:
+"""seqio tasks for UL2. Importing this package registers four of them:
 
 * `c4_ul2`: TFDS `c4/en:3.1.0` (the real run's task, 512/512).
 * `local_ul2`: text or JSONL files; by default the bundled corpus (train:
   ul2/assets/train.txt, validation: ul2/assets/validation.txt).
 * `local_title`: a supervised task from the bundled corpus: name the Python help
   topic a paragraph of the Python documentation comes from (`[NLU]`, accuracy);
-  built by ul2/assets/build_title_task.py. Supervised tasks and mixtures of them
+  built by ul2/assets/build_title_task.py.
+* `local_word`: a supervised task from the bundled corpus: restore the word removed
+  from a passage (`[NLU]`, accuracy); built by ul2/assets/build_word_task.py, the
+  default of gin/runs/finetune.gin. Supervised tasks and mixtures of them
   are registered by `register_supervised_task` and `register_mixture` (see
   tasks/supervised.py).
 
@@ -272,4 +275,8 @@ register_ul2_task("local_ul2")
 register_supervised_task(
     "local_title",
     text_glob={"train": str(assets.TITLE_TRAIN), "validation": str(assets.TITLE_VALIDATION)},
+    mode_token=denoisers_lib.NLU, metrics=("accuracy",))
+register_supervised_task(
+    "local_word",
+    text_glob={"train": str(assets.WORD_TRAIN), "validation": str(assets.WORD_VALIDATION)},
     mode_token=denoisers_lib.NLU, metrics=("accuracy",))

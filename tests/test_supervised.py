@@ -1,6 +1,6 @@
 """Supervised tasks (tasks.register_supervised_task): JSONL, TSV and TFDS sources, the
-mode token and EOS, metrics by name, mixtures with rates, the bundled local_title,
-and bad input as one line each."""
+mode token and EOS, metrics by name, mixtures with rates, the bundled local_title and
+local_word, and bad input as one line each."""
 
 import collections
 import json
@@ -12,6 +12,7 @@ import seqio
 import tasks
 from tasks import metrics, supervised
 from ul2 import assets, data
+from ul2.assets import build_word_task
 
 EOS = 1
 LENGTHS = {"inputs": 32, "targets": 16}
@@ -212,6 +213,36 @@ def test_the_title_task_script_rebuilds_the_shipped_files(tmp_path, monkeypatch)
     assert (tmp_path / path.name).read_text() == path.read_text()
 
 
+def test_the_bundled_word_task():
+  task = seqio.get_mixture_or_task("local_word")
+  assert supervised.mode_token_of(task) == "[NLU]"
+  assert task.predict_metric_fns == [metrics.accuracy]
+  records = {split: [json.loads(l) for l in path.read_text().splitlines()]
+             for split, path in (("train", assets.WORD_TRAIN),
+                                 ("validation", assets.WORD_VALIDATION))}
+  assert len(records["train"]) > 5000 and len(records["validation"]) > 300
+  assert assets.WORD_TRAIN.stat().st_size + assets.WORD_VALIDATION.stat().st_size < 2e6
+  # Each input is a corpus line's first words with one word blanked: training ones
+  # from train.txt, validation ones from validation.txt (text pre-training never saw).
+  for split, text in (("train", assets.TRAIN_TEXT), ("validation", assets.VALIDATION_TEXT)):
+    lines = {" ".join(l.split()[:build_word_task.MAX_WORDS]) for l in text.read_text().splitlines()}
+    for r in records[split]:
+      assert r["inputs"].split().count(build_word_task.BLANK) == 1
+      assert r["targets"].isalpha() and len(r["targets"]) >= build_word_task.MIN_LETTERS
+      assert r["inputs"].replace(build_word_task.BLANK, r["targets"], 1) in lines
+  examples = _examples("local_word", "validation", {"inputs": 128, "targets": 8})
+  assert len(examples) == len(records["validation"])
+  nlu = _vocab().tokenizer.piece_to_id("[NLU]")
+  assert all(ex["inputs"][0] == nlu and ex["inputs"][-1] == EOS for ex in examples)
+
+
+def test_the_word_task_script_rebuilds_the_shipped_files(tmp_path, monkeypatch):
+  monkeypatch.setattr("sys.argv", ["build_word_task", "--output_dir", str(tmp_path)])
+  build_word_task.main()
+  for path in (assets.WORD_TRAIN, assets.WORD_VALIDATION):
+    assert (tmp_path / path.name).read_text() == path.read_text()
+
+
 def test_a_tfds_source(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   features = tfds.features.FeaturesDict({"question": tfds.features.Text(),
@@ -255,3 +286,36 @@ tasks.register_supervised_task:
   assert supervised.mode_token_of(task) == "[S2S]"
   assert task.predict_metric_fns == [metrics.rouge, metrics.bleu]
   assert len(_examples("sup_gin", "validation")) == 4
+
+
+@pytest.mark.parametrize("case", ["a line without the fields", "an unknown metric"])
+def test_ul2_train_on_a_bad_supervised_task_is_one_line(case, jsonl, tmp_path, capsys):
+  """Through the command: a task registered from gin with a file line that lacks the
+  targets, or with an unknown metric, stops `ul2 train` with one line, before training."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from ul2 import main  # pylint: disable=import-outside-toplevel
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"inputs": "a", "targets": "b"}) + "\n"
+                 + json.dumps({"inputs": "a", "answer": "b"}) + "\n")
+  train, metric = {"a line without the fields": (str(bad), "accuracy"),
+                   "an unknown metric": (jsonl["train"], "f1")}[case]
+  runs = pathlib.Path(__file__).resolve().parents[1] / "gin" / "runs"
+  gin_file = tmp_path / "bad_task.gin"
+  gin_file.write_text(f"""
+from __gin__ import dynamic_registration
+import tasks
+include '{runs / "finetune.gin"}'
+MIXTURE_OR_TASK_NAME = @tasks.register_supervised_task()
+tasks.register_supervised_task:
+  name = 'sup_cli'
+  text_glob = {{'train': '{train}', 'validation': '{jsonl["validation"]}'}}
+  metrics = ['{metric}']
+""")
+  assert main.main(["train", f"--gin_file={gin_file}",
+                    f"--model_dir={tmp_path / 'run'}"]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and err[0].startswith("ul2 train: error: "), err
+  assert {"a line without the fields": f"{bad}:2: no 'targets' field (it has ['answer', "
+                                       "'inputs'])",
+          "an unknown metric": "task sup_cli: unknown metric 'f1'; known metrics: accuracy, "
+                               "bleu, exact_match, rouge"}[case] in err[0]

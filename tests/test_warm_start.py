@@ -247,23 +247,30 @@ def test_a_warm_start_from_a_model_dir_evaluates_as_its_source_and_is_not_repeat
   assert "resumed from step 1" in out and "warm start" not in out
 
 
-@pytest.mark.parametrize("case", ["missing", "not a checkpoint", "other model"])
+@pytest.mark.parametrize("case", ["missing", "not a checkpoint", "other model", "T5 v1.0"])
 def test_train_with_a_bad_init_from_is_one_line(case, tmp_path, hf_model, capsys):
+  v1_0 = tmp_path / "t5_v1_0"  # tiny.gin's shape, but T5 v1.0's ReLU feed-forward.
+  v1_0.mkdir()
+  (v1_0 / "config.json").write_text(json.dumps(dict(
+      model_type="t5", vocab_size=8192, d_model=64, d_kv=16, d_ff=256, num_layers=2,
+      num_heads=4, feed_forward_proj="relu", tie_word_embeddings=False)))
   path = {"missing": tmp_path / "nope", "not a checkpoint": tmp_path,
-          "other model": hf_model[1]}[case]
+          "other model": hf_model[1], "T5 v1.0": v1_0}[case]
   assert main.main(["train", *RUN, f"--model_dir={tmp_path / 'run'}", f"--init_from={path}",
                     "--gin.TRAIN_STEPS=1"]) == 2
   err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
   assert len(err) == 1 and err[0].startswith("ul2 train: error: warm start"), err
   assert {"missing": "does not exist", "not a checkpoint": "is not a checkpoint",
-          "other model": "the model does not match: "}[case] in err[0]
+          "other model": "the model does not match: ",
+          "T5 v1.0": "the model does not match: feed_forward 'relu' (not gated: T5 v1.0) in "
+                     "the checkpoint, 'gated-silu' configured"}[case] in err[0]
 
 
 @pytest.mark.slow
 def test_finetune_gin_trains_the_bundled_task_and_logs_its_metric(tmp_path, capsys):
   """gin/runs/finetune.gin, shrunk: the loss falls, the eval decodes the validation
-  split and logs eval/local_title/accuracy, and writes the predictions."""
-  model_dir = tmp_path / "title"
+  split and logs eval/local_word/accuracy, and writes the predictions."""
+  model_dir = tmp_path / "word"
   assert main.main(["train", f"--gin_file={REPO / 'gin' / 'runs' / 'finetune.gin'}",
                     f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=40", "--gin.EVAL_PERIOD=40",
                     "--gin.LOG_PERIOD=10", "--gin.CHECKPOINT_PERIOD=40",
@@ -272,10 +279,56 @@ def test_finetune_gin_trains_the_bundled_task_and_logs_its_metric(tmp_path, caps
   losses = [r["loss"] for r in records if "loss" in r]
   assert losses[-1] < losses[0] - 1.0
   (evaluation,) = [r for r in records if "eval/loss" in r]
-  assert 0.0 <= evaluation["eval/local_title/accuracy"] <= 100.0
-  assert "local_title/accuracy" in capsys.readouterr().out
+  assert 0.0 <= evaluation["eval/local_word/accuracy"] <= 100.0
+  assert "local_word/accuracy" in capsys.readouterr().out
   predictions = [json.loads(l) for l in
-                 (model_dir / "inference" / "local_title-40.jsonl").read_text().splitlines()]
-  assert len(predictions) == 121 and {"inputs", "targets", "prediction"} <= set(predictions[0])
+                 (model_dir / "inference" / "local_word-40.jsonl").read_text().splitlines()]
+  assert len(predictions) == 329 and {"inputs", "targets", "prediction"} <= set(predictions[0])
   assert sum(p["prediction"] == p["targets"] for p in predictions) == round(
-      evaluation["eval/local_title/accuracy"] * 121 / 100)
+      evaluation["eval/local_word/accuracy"] * 329 / 100)
+
+
+# ------------------------------------------- gin/models/from_hf.gin: the source's model
+
+FROM_HF = f"--gin_file={REPO / 'gin' / 'models' / 'from_hf.gin'}"
+
+
+@pytest.mark.slow
+def test_from_hf_gin_takes_the_model_from_config_json(tmp_path):
+  """A random T5 of another shape than tiny.gin's (2+3 layers, d_model 32, gated-GELU),
+  trained for one frozen step with the model from its config.json, exports its logits."""
+  torch.manual_seed(2)
+  hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+      **HF_CONFIG | {"vocab_size": 8192})).eval()
+  hf.save_pretrained(tmp_path / "hf")
+  model_dir = tmp_path / "run"
+  assert main.main(["train", *RUN, FROM_HF, *FROZEN, f"--model_dir={model_dir}",
+                    f"--init_from={tmp_path / 'hf'}", "--gin.TRAIN_STEPS=1",
+                    "--gin.EVAL_PERIOD=0", "--gin.warm_start.source_config.dtype='float32'",
+                    "--gin.warm_start.source_config.dropout_rate=0.0"]) == 0
+  written = model_settings.read(str(model_dir)).model
+  assert (written.d_model, written.num_decoder_layers, written.activation) == (32, 3, "gelu")
+  assert main.main(["export", f"--model_dir={model_dir}", f"--output_dir={tmp_path / 'out'}"]) == 0
+  again = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+  rng = np.random.default_rng(0)
+  enc = rng.integers(2, 8100, (2, 12)).astype(np.int32)
+  dec = rng.integers(2, 8100, (2, 6)).astype(np.int32)
+  np.testing.assert_allclose(_hf_logits(again, enc, dec), _hf_logits(hf, enc, dec), atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["a field set otherwise", "no init_from"])
+def test_from_hf_gin_errors_are_one_line(case, tmp_path, hf_model, capsys):
+  finetune = f"--gin_file={REPO / 'gin' / 'runs' / 'finetune.gin'}"
+  extra = {"a field set otherwise": [f"--init_from={hf_model[1]}",
+                                     "--gin.warm_start.source_config.d_model=128",
+                                     "--gin.warm_start.source_config.activation='silu'"],
+           "no init_from": []}[case]
+  assert main.main(["train", finetune, FROM_HF, f"--model_dir={tmp_path / 'run'}",
+                    *extra]) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and err[0].startswith("ul2 train: error: warm start"), err
+  assert {"a field set otherwise": "the model does not match: d_model 32 in the checkpoint, "
+                                   "128 configured; activation 'gelu' in the checkpoint, "
+                                   "'silu' configured",
+          "no init_from": "pass --init_from=PATH"}[case] in err[0]
+  assert not (tmp_path / "run").exists()

@@ -121,7 +121,8 @@ def _train_config(args: argparse.Namespace, default_files: Sequence[str] = ()):
   if getattr(args, "model_dir", None):
     bindings.append(f"MODEL_DIR = {str(args.model_dir)!r}")
   if getattr(args, "init_from", None):
-    bindings.append(f"loop.TrainConfig.init_from = {str(args.init_from)!r}")
+    bindings += [f"INIT_FROM = {str(args.init_from)!r}",
+                 f"loop.TrainConfig.init_from = {str(args.init_from)!r}"]
   parse_gin(files, bindings, args.gin_search_path)
   config = configured(loop.TrainConfig)
   return config
@@ -141,7 +142,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model_dir", help="output directory (sets the MODEL_DIR macro)")
   parser.add_argument("--init_from", help="start from these parameters: an ul2 model_dir "
                       "(DIR or DIR@STEP) or a Hugging Face T5 directory (sets "
-                      "loop.TrainConfig.init_from)")
+                      "loop.TrainConfig.init_from and the INIT_FROM macro)")
   _process_arguments(parser)
 
 

@@ -162,18 +162,37 @@ def check_matches(source: Source | str, config: ModelConfig,
                      f"ids (pieces and extra ids) but the model only {config.vocab_size}")
 
 
-def source_config(source: Source | str, **overrides: Any) -> ModelConfig:
-  """The source's ModelConfig (`overrides` set fields it does not carry: dtype,
-  scan_layers, ...). A T5 v1.0 (non-gated) checkpoint is a ValueError."""
+def source_config(source: Source | str | None, **overrides: Any) -> ModelConfig:
+  """The source's ModelConfig, with `overrides` for the fields it does not fix
+  (dtype, dropout_rate, scan_layers, ...). `gin/models/from_hf.gin` calls it with
+  source = INIT_FROM, so that a run's model is its checkpoint's.
+
+  Raises:
+    ValueError: in one line, for no source; a T5 v1.0 (non-gated) checkpoint; or
+      an override of an architecture field (`ARCHITECTURE`, activation) that
+      differs from the source's, naming each such field with both values.
+  """
+  if source is None:
+    raise ValueError("warm start: the model comes from the checkpoint (INIT_FROM, "
+                     "gin/models/from_hf.gin) but none is given: pass --init_from=PATH")
   source = _source(source)
   if source.kind == UL2:
-    return dataclasses.replace(model_settings.read(source.path).model, **overrides)
-  arch = architecture(source)
-  if not str(arch["feed_forward"]).startswith("gated-"):
-    raise ValueError(f"warm start from {source.path}: feed_forward_proj "
-                     f"{arch['feed_forward']!r} is not gated (T5 v1.0); ul2 models are T5 "
-                     "v1.1 / UL2 (gated-gelu or gated-silu)")
-  return export.config_from_hf(_hf_config(source), **overrides)
+    theirs = model_settings.read(source.path).model
+  else:
+    arch = architecture(source)
+    if not str(arch["feed_forward"]).startswith("gated-"):
+      raise ValueError(f"warm start from {source.path}: feed_forward_proj "
+                       f"{arch['feed_forward']!r} is not gated (T5 v1.0); ul2 models are T5 "
+                       "v1.1 / UL2 (gated-gelu or gated-silu)")
+    theirs = export.config_from_hf(_hf_config(source))
+  fixed = [f for f in ARCHITECTURE if f != "feed_forward"] + ["activation"]
+  diffs = [f"{f} {_describe(f, getattr(theirs, f))} in the checkpoint, "
+           f"{_describe(f, overrides[f])} configured"
+           for f in fixed if f in overrides and overrides[f] != getattr(theirs, f)]
+  if diffs:
+    raise ValueError(f"warm start from {source.path}: the model does not match: "
+                     f"{'; '.join(diffs)}")
+  return dataclasses.replace(theirs, **overrides)
 
 
 def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh) -> Any:

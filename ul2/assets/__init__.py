@@ -1,7 +1,8 @@
 """Data that ships with ul2: a small English corpus and a SentencePiece vocabulary.
 
 Paths only; nothing here imports TensorFlow or JAX. The scripts that built the
-files sit beside them (`build_corpus.py`, `build_vocab.py`, `build_title_task.py`).
+files sit beside them (`build_corpus.py`, `build_vocab.py`, `build_title_task.py`,
+`build_word_task.py`).
 """
 
 import pathlib
@@ -15,3 +16,6 @@ MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
 # The supervised task `local_title` (built from the corpus by build_title_task.py).
 TITLE_TRAIN = ASSETS_DIR / "title_train.jsonl"
 TITLE_VALIDATION = ASSETS_DIR / "title_validation.jsonl"
+# The supervised task `local_word` (built from the corpus by build_word_task.py).
+WORD_TRAIN = ASSETS_DIR / "word_train.jsonl"
+WORD_VALIDATION = ASSETS_DIR / "word_validation.jsonl"
