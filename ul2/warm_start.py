@@ -197,8 +197,7 @@ def source_config(source: Source | str | None, **overrides: Any) -> ModelConfig:
 
 def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh) -> Any:
   """The NamedShardings of the (unboxed) params on `mesh`, by the logical axis rules."""
-  return sharding.logical_to_mesh(nn.get_partition_spec(model_lib.abstract_params(config)),
-                                  mesh)
+  return model_lib.abstract_params_and_shardings(config, mesh)[1]
 
 
 # ----------------------------------------------------------------------------
