@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from ul2 import export, model_settings, sharding
+from ul2 import export, model_settings
 from ul2 import model as model_lib
 from ul2.model import ModelConfig
 
