@@ -23,7 +23,7 @@ train: setup
 	$(BIN)/ul2 export --model_dir=$(MODEL_DIR) --output_dir=$(EXPORT_DIR) --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs
