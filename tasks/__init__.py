@@ -52,7 +52,7 @@ from typing import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from tasks.supervised import register_mixture, register_supervised_task  # pylint: disable=unused-import  (re-exported)
+from tasks.supervised import first_span, register_mixture, register_supervised_task  # pylint: disable=unused-import  (re-exported)
 from ul2 import assets
 from ul2 import denoisers as denoisers_lib
 

@@ -35,7 +35,8 @@ from __future__ import annotations
 import csv
 import functools
 import os
-from typing import Iterator, Mapping, Sequence
+import re
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
@@ -160,6 +161,18 @@ def prepend_mode_token(dataset: tf.data.Dataset,
   return dataset.map(prepend, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+_SENTINEL = re.compile(r"<extra_id_\d+>")
+
+
+def first_span(text: str, example: Any = None, is_target: bool = False) -> str:
+  """seqio postprocessor of span-corruption targets: the text after the first sentinel
+  (`<extra_id_N>`) up to the next one, stripped ("<extra_id_0> island" -> "island");
+  text without a sentinel is only stripped."""
+  del example, is_target
+  parts = _SENTINEL.split(text)
+  return (parts[1] if len(parts) > 1 else parts[0]).strip()
+
+
 def check_mode_token(mode_token: str | None, where: str) -> None:
   if mode_token not in MODE_TOKENS:
     raise ValueError(f"{where}: mode_token must be one of "
@@ -179,6 +192,7 @@ def register_supervised_task(
     vocab_path: str | os.PathLike = assets.VOCAB_PATH,
     extra_ids: int = assets.EXTRA_IDS,
     shuffle_buffer_size: int = 1000,
+    postprocess_fn: Callable[..., Any] | None = None,
 ) -> str:
   """Registers (or replaces) a supervised seqio Task and returns its name.
 
@@ -194,6 +208,9 @@ def register_supervised_task(
       "exact_match", "rouge"), computed on the decoded validation split.
     vocab_path: SentencePiece model; `extra_ids` sentinels are added on top.
     shuffle_buffer_size: examples in seqio's shuffle buffer (seqio's default, 1000).
+    postprocess_fn: seqio's postprocessor, applied to the decoded predictions and the
+      targets before the metrics, e.g. `first_span` for targets in the span
+      corruption format (``<extra_id_0> answer``).
 
   Raises:
     ValueError: in one line, for a bad mode token, an unknown metric, or both or
@@ -225,6 +242,7 @@ def register_supervised_task(
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
                          output_features=output_features, metric_fns=metric_fns,
+                         postprocess_fn=postprocess_fn,
                          shuffle_buffer_size=shuffle_buffer_size)
   return name
 

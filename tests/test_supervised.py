@@ -68,6 +68,29 @@ def test_truncation_keeps_the_mode_token_and_eos(tmp_path):
   assert len(ex["targets"]) == 6 and ex["targets"][-1] == EOS
 
 
+def test_a_task_in_the_span_corruption_format(tmp_path):
+  """Records written as an R-denoiser's example tokenise to its ids (`<extra_id_0>` is
+  one id, the vocabulary's last: ul2.denoisers' sentinel 0), and `first_span` reads
+  the answer back for the metrics."""
+  path = _write_jsonl(tmp_path / "span.jsonl", [
+      {"inputs": "The film was <extra_id_0> in 1996.", "targets": "<extra_id_0> produced"}])
+  tasks.register_supervised_task("sup_span", text_glob=path, mode_token="[NLU]",
+                                 metrics=("accuracy",), postprocess_fn=tasks.first_span)
+  (ex,) = _examples("sup_span")
+  vocab = _vocab()
+  sentinel = vocab.vocab_size - 1
+  assert ex["inputs"].tolist() == ([vocab.tokenizer.piece_to_id("[NLU]")]
+                                   + vocab.encode("The film was") + [sentinel]
+                                   + vocab.encode("in 1996.") + [EOS])
+  assert ex["targets"].tolist() == [sentinel] + vocab.encode("produced") + [EOS]
+  task = seqio.get_mixture_or_task("sup_span")
+  decoded = vocab.decode(ex["targets"].tolist())
+  assert decoded == "<extra_id_0> produced"
+  assert [task.postprocess_fn(t, example=ex, is_target=False) for t in (decoded, "<extra_id_0> a <extra_id_1> b",
+                                           "  plain ", "<extra_id_0>")] == [
+      "produced", "a", "plain", ""]
+
+
 def test_tsv_files_with_a_header_and_own_column_names(tmp_path):
   path = tmp_path / "train.tsv"
   path.write_text("id\tquestion\tanswer\n" + "".join(
