@@ -41,3 +41,22 @@ def apply(config: ModelConfig, variables, *args, **kwargs):
   dynamic = {k: v for k, v in kwargs.items() if k not in static}
   fn = lambda v, a, k: Transformer(config).apply(v, *a, **k, **static)
   return jax.jit(fn)(variables, args, dynamic)
+
+
+def padded_batch(low: int, high: int, target_length: int, seed: int = 0):
+  """Token ids in [low, high): encoder inputs [2, 12] (the second row padded after 7
+  tokens) and decoder inputs [2, target_length] starting with the start token 0."""
+  rng = np.random.default_rng(seed)
+  enc = rng.integers(low, high, (2, 12)).astype(np.int32)
+  enc[1, 7:] = 0
+  dec = rng.integers(low, high, (2, target_length)).astype(np.int32)
+  dec[:, 0] = 0
+  return enc, dec
+
+
+def hf_logits(hf, enc, dec) -> np.ndarray:
+  """A `transformers` T5's logits for numpy ids (padding 0 masked in the encoder)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.no_grad():
+    return hf(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
+              decoder_input_ids=torch.tensor(dec)).logits.numpy()

@@ -14,7 +14,7 @@ import sentencepiece as spm
 
 from ul2 import assets, checkpoint, export, main, model_settings
 from ul2.model import ModelConfig
-from model_testing import apply, random_params
+from model_testing import apply, hf_logits, padded_batch, random_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -60,20 +60,9 @@ def _weights(out):
   return sd
 
 
-def _batch():
-  rng = np.random.default_rng(0)
-  enc = rng.integers(3, 8100, (2, 12)).astype(np.int32)
-  enc[1, 7:] = 0
-  dec = rng.integers(3, 8100, (2, 5)).astype(np.int32)
-  dec[:, 0] = 0
-  return enc, dec
-
-
 def _hf_logits(out, enc, dec):
   hf = transformers.T5ForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
-  with torch.no_grad():
-    return hf(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
-              decoder_input_ids=torch.tensor(dec)).logits.numpy(), hf
+  return hf_logits(hf, enc, dec), hf
 
 
 def test_chunk_sums_add_up_to_the_fingerprint_of_the_leaf():
@@ -103,7 +92,7 @@ def test_sharded_export_is_what_save_pretrained_writes(variant, tmp_path):
   for key, value in want.items():
     np.testing.assert_array_equal(got[key], value, err_msg=key)
   # transformers loads the shards; its own save_pretrained shards them the same way.
-  enc, dec = _batch()
+  enc, dec = padded_batch(3, 8100, 5)
   theirs, hf = _hf_logits(out, enc, dec)
   np.testing.assert_allclose(np.asarray(apply(cfg, {"params": params}, enc, dec)), theirs,
                              atol=1e-4, rtol=1e-4)
@@ -150,7 +139,7 @@ def test_bfloat16_export_rounds_to_nearest_even_as_torch(tmp_path):
     assert torch.equal(got[key], torch.from_numpy(value).to(torch.bfloat16)), key
   # Logits: those of our model with bfloat16-rounded parameters.
   rounded = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), params)
-  enc, dec = _batch()
+  enc, dec = padded_batch(3, 8100, 5)
   theirs, _ = _hf_logits(out, enc, dec)
   np.testing.assert_allclose(np.asarray(apply(CONFIG, {"params": rounded}, enc, dec)), theirs,
                              atol=1e-4, rtol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 
 from ul2 import checkpoint, model_settings, sharding, warm_start
 from ul2.model import ModelConfig
-from model_testing import apply, random_params
+from model_testing import apply, hf_logits, padded_batch, random_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -27,21 +27,6 @@ CONFIG = ModelConfig(vocab_size=512, d_model=32, num_heads=4, head_dim=8, d_ff=6
 
 def _mesh():
   return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-
-
-def _batch():
-  rng = np.random.default_rng(0)
-  enc = rng.integers(2, 512, (2, 12)).astype(np.int32)
-  enc[1, 7:] = 0
-  dec = rng.integers(2, 512, (2, 6)).astype(np.int32)
-  dec[:, 0] = 0
-  return enc, dec
-
-
-def _hf_logits(hf, enc, dec):
-  with torch.no_grad():
-    return hf(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
-              decoder_input_ids=torch.tensor(dec)).logits.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +68,9 @@ def test_hf_checkpoint_loads_sharded_with_equal_logits(hf_model, layout, scan):
   assert all(placed)
   embedding = params["token_embedder"]["embedding"]
   assert embedding.addressable_shards[0].data.shape != embedding.shape
-  enc, dec = _batch()
+  enc, dec = padded_batch(2, 512, 6)
   ours = np.asarray(apply(config, {"params": jax.device_get(params)}, enc, dec))
-  np.testing.assert_allclose(ours, _hf_logits(hf, enc, dec), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(ours, hf_logits(hf, enc, dec), atol=1e-4, rtol=1e-4)
 
 
 def test_bfloat16_checkpoint_loads_as_float32(hf_model, tmp_path):
@@ -192,6 +177,13 @@ import pathlib  # pylint: disable=wrong-import-position
 
 from ul2 import main  # pylint: disable=wrong-import-position
 
+
+def _assert_same_logits(exported, hf):
+  """The export at `exported` gives `hf`'s logits (to 1e-4) on a padded batch."""
+  again = transformers.T5ForConditionalGeneration.from_pretrained(exported).eval()
+  enc, dec = padded_batch(2, 8100, 6)
+  np.testing.assert_allclose(hf_logits(again, enc, dec), hf_logits(hf, enc, dec), atol=1e-4)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN = [f"--gin_file={REPO / 'gin' / 'runs' / 'local_tiny.gin'}",
        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}", "--gin.BATCH_SIZE=8",
@@ -218,11 +210,7 @@ def test_train_from_a_hugging_face_model_exports_its_logits(tmp_path, capsys):
                     "--gin.EVAL_PERIOD=0"]) == 0
   assert f"warm start: the parameters of {tmp_path / 'hf'} (step 0" in capsys.readouterr().out
   assert main.main(["export", f"--model_dir={model_dir}", f"--output_dir={tmp_path / 'out'}"]) == 0
-  again = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
-  rng = np.random.default_rng(0)
-  enc = rng.integers(2, 8100, (2, 12)).astype(np.int32)
-  dec = rng.integers(2, 8100, (2, 6)).astype(np.int32)
-  np.testing.assert_allclose(_hf_logits(again, enc, dec), _hf_logits(hf, enc, dec), atol=1e-4)
+  _assert_same_logits(tmp_path / "out", hf)
 
 
 @pytest.mark.slow
@@ -309,11 +297,7 @@ def test_from_hf_gin_takes_the_model_from_config_json(tmp_path):
   written = model_settings.read(str(model_dir)).model
   assert (written.d_model, written.num_decoder_layers, written.activation) == (32, 3, "gelu")
   assert main.main(["export", f"--model_dir={model_dir}", f"--output_dir={tmp_path / 'out'}"]) == 0
-  again = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
-  rng = np.random.default_rng(0)
-  enc = rng.integers(2, 8100, (2, 12)).astype(np.int32)
-  dec = rng.integers(2, 8100, (2, 6)).astype(np.int32)
-  np.testing.assert_allclose(_hf_logits(again, enc, dec), _hf_logits(hf, enc, dec), atol=1e-4)
+  _assert_same_logits(tmp_path / "out", hf)
 
 
 @pytest.mark.parametrize("case", ["a field set otherwise", "no init_from"])
