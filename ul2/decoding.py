@@ -80,7 +80,7 @@ def decode_step(model: Transformer, params: Any, cache: Any, encoded: jax.Array,
 
 
 # The encoder runs over at most this many rows at a time (`_encode`).
-ENCODE_ROWS = 32
+ENCODE_ROWS = 16
 
 
 def _encode(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array
