@@ -12,7 +12,8 @@ random weights; transformers gets ul2's through `ul2.export`), on the same batch
 of random inputs of 512 tokens (no padding), 128 new tokens at most: greedy, and
 beam search with 4 beams and no length penalty (there the two algorithms are the
 same: `ul2.decoding`). ul2 runs the jitted function `ul2 infer` runs
-(`ul2.infer.decode_fn`), compiled before timing; transformers runs `generate`
+(`ul2.infer.decode_fn`), with one XLA:CPU device per core and the batch split
+over them as `ul2 infer` runs (`devices`), compiled before timing; transformers runs `generate`
 under `torch.inference_mode()` with its key/value cache on (`use_cache=True`, the
 default dynamic cache), after one warm-up call. Both use every core: torch with
 as many threads as the cores this process may use, the size of XLA:CPU's pool
@@ -68,6 +69,8 @@ class Ul2Side:
   def __init__(self, cfg, params, inputs, decode):
     mesh = sharding.make_mesh(sharding.MeshConfig())
     self.params = infer.place_params(params, cfg, mesh)
+    # As `ul2.infer.run`: "auto" choices resolved for the mesh.
+    cfg = cfg.resolved(sharding.platform(mesh), sharding.data_parallel_size(mesh))
     self.mesh = mesh
     self.options = infer.Options(decode=decode, num_beams=BEAMS, length_penalty=0.0,
                                  max_decode_length=NEW_TOKENS, batch_size=len(inputs))
@@ -121,6 +124,7 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds_large", type=int, default=2,
                       help="rounds for batch >= 64 with beam search")
   args = parser.parse_args(argv)
+  infer.cpu_device_per_core()  # As `ul2 infer`: one XLA:CPU device per core.
   import torch  # pylint: disable=import-outside-toplevel
   threads = len(os.sched_getaffinity(0))  # The cores XLA:CPU's thread pool uses.
   torch.set_num_threads(threads)
@@ -151,7 +155,8 @@ def main(argv=None) -> None:
         print(json.dumps(dict(bench="decode", side=name, shape=args.shape, batch=batch,
                               decode=decode, beams=BEAMS if decode == "beam" else 1,
                               inputs=INPUTS, new_tokens=NEW_TOKENS, rounds=rounds,
-                              threads=threads, tokens=tokens[name],
+                              threads=threads, devices=jax.device_count() if name == "ul2"
+                              else 1, tokens=tokens[name],
                               seconds_median=round(median, 3),
                               seconds=[round(t, 3) for t in times[name]],
                               tokens_per_second=round(result[name], 1))), flush=True)

@@ -386,3 +386,20 @@ def test_dataclass_fields_round_trip(tmp_path):
                                           "t")
   model_settings.write(tmp_path, settings)
   assert model_settings.read(tmp_path) == settings
+
+
+def test_encoder_in_pieces_equals_the_whole_batch(exported, monkeypatch):
+  params = exported[0]
+  whole = decoding._encode(params, CONFIG, _inputs())[3]
+  monkeypatch.setattr(decoding, "ENCODE_ROWS", 1)  # 4 pieces of one row, rows in order.
+  np.testing.assert_allclose(decoding._encode(params, CONFIG, _inputs())[3], whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_device_per_core_keeps_a_count_the_user_set():
+  from ul2 import infer  # pylint: disable=import-outside-toplevel
+  environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+  cores = infer.cpu_device_per_core(environ)
+  if cores is not None:  # None on a one-core machine.
+    assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/d {infer.CPU_DEVICES_FLAG}={cores}"
+  user = {"XLA_FLAGS": f"{infer.CPU_DEVICES_FLAG}=3"}
+  assert infer.cpu_device_per_core(user) is None and user["XLA_FLAGS"] == f"{infer.CPU_DEVICES_FLAG}=3"

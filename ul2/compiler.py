@@ -40,6 +40,19 @@ def compiler_options(platform: str | None = None, dtype: str = "float32"
   return dict(CPU_OPTIONS.get(dtype, CPU_OPTIONS["float32"]))
 
 
+def inference_options(platform: str | None = None, dtype: str = "float32"
+                      ) -> dict[str, str] | None:
+  """Options for the jitted decoding and scoring of `ul2.infer`: on CPU, YNNPACK
+  for individual dots in both dtypes. Forward only, the float32 dot fusions lose:
+  they take the elementwise work around a dot (the gated MLP's activation, RMSNorm)
+  into YNNPACK, with broadcast constants materialised at full activation size
+  (benchmarks/README.md, decode_bench.py)."""
+  platform = platform or jax.default_backend()
+  if platform != "cpu":
+    return None
+  return dict(CPU_OPTIONS["bfloat16"])
+
+
 def memory_bytes(compiled: jax.stages.Compiled) -> int | None:
   """Bytes one device needs to run `compiled`: arguments, outputs and temporaries,
   less the donated buffers its outputs reuse (XLA's memory analysis)."""

@@ -154,6 +154,27 @@ def load_model(*, model_dir: str | None = None, step: int | None = None,
                mesh, str(path))
 
 
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_device_per_core(environ: Any = os.environ) -> int | None:
+  """Gives XLA:CPU one device per core this process may use, so that decoding
+  splits its batch over the cores as over any devices (`run`): the one-query
+  attention products of a decoder step run in XLA:CPU's own dot emitter on one
+  core, and with a device per core they run on every core at once
+  (benchmarks/README.md, decode_bench.py). Sets
+  XLA_FLAGS in `environ`, so it must run before JAX starts its backends, as
+  `ul2 infer` does first; keeps a device count the user set, and only the CPU
+  backend reads the flag. Returns the count set, or None where it set none."""
+  if CPU_DEVICES_FLAG in environ.get("XLA_FLAGS", ""):
+    return None
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  if not cores or cores < 2:
+    return None
+  environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}={cores}".strip()
+  return cores
+
+
 # ----------------------------------------------------------------------------
 # Inputs.
 
@@ -313,7 +334,7 @@ def decode_fn(config: model_lib.ModelConfig, options: Options,
           temperature=temperature, top_k=options.top_k, top_p=options.top_p, rng=keys,
           eos_id=eos_id)
       return tokens, logprobs, logprobs
-  return jax.jit(fn, compiler_options=compiler.compiler_options(dtype=config.dtype))
+  return jax.jit(fn, compiler_options=compiler.inference_options(dtype=config.dtype))
 
 
 def _until_eos(row: np.ndarray, eos: int) -> list[int]:

@@ -293,8 +293,11 @@ class MultiHeadAttention(nn.Module):
     on the call that creates the cache, read from it after."""
     if self.has_variable("cache", "cross_key"):
       return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
-    k = constrain(jnp.einsum("bke,ehd->bhdk", kv_input, wk), KEY_CACHE_AXES)
-    v = constrain(jnp.einsum("bke,ehd->bhkd", kv_input, wv), VALUE_CACHE_AXES)
+    # One [b * k, e] x [e, 2 * h * d] matmul, re-laid out after: XLA:CPU computes
+    # "bke,ehd->bhdk" as a transposed product at a third of the matmul rate.
+    kv = jnp.einsum("bke,ejhd->bkjhd", kv_input, _stacked(wk, wv))
+    k = constrain(kv[:, :, 0].transpose(0, 2, 3, 1), KEY_CACHE_AXES)
+    v = constrain(kv[:, :, 1].transpose(0, 2, 1, 3), VALUE_CACHE_AXES)
     self.put_variable("cache", "cross_key", k)
     self.put_variable("cache", "cross_value", v)
     return k, v

@@ -449,6 +449,7 @@ def _infer_arguments(parser: argparse.ArgumentParser) -> None:
 def _infer(args: argparse.Namespace) -> int:
   import dataclasses  # pylint: disable=import-outside-toplevel
   from ul2 import infer  # pylint: disable=import-outside-toplevel
+  infer.cpu_device_per_core()  # Before JAX starts: on CPU, the batch split over the cores.
   if args.extra:
     raise UserError(f"unrecognised argument {args.extra[0]!r}")
   if bool(args.model_dir) == bool(args.hf_dir):
