@@ -47,10 +47,8 @@ def inference_options(platform: str | None = None, dtype: str = "float32"
   they take the elementwise work around a dot (the gated MLP's activation, RMSNorm)
   into YNNPACK, with broadcast constants materialised at full activation size
   (benchmarks/README.md, decode_bench.py)."""
-  platform = platform or jax.default_backend()
-  if platform != "cpu":
-    return None
-  return dict(CPU_OPTIONS["bfloat16"])
+  del dtype  # The same choice for both dtypes: bfloat16's.
+  return compiler_options(platform, "bfloat16")
 
 
 def memory_bytes(compiled: jax.stages.Compiled) -> int | None:
