@@ -1,4 +1,4 @@
-"""seqio tasks for UL2. Importing this package registers four of them:
+"""seqio tasks for UL2. Importing this package registers five of them:
 
 * `c4_ul2`: TFDS `c4/en:3.1.0` (the real run's task, 512/512).
 * `local_ul2`: text or JSONL files; by default the bundled corpus (train:
@@ -7,8 +7,11 @@
   topic a paragraph of the Python documentation comes from (`[NLU]`, accuracy);
   built by ul2/assets/build_title_task.py.
 * `local_word`: a supervised task from the bundled corpus: restore the word removed
-  from a passage (`[NLU]`, accuracy); built by ul2/assets/build_word_task.py, the
-  default of gin/runs/finetune.gin. Supervised tasks and mixtures of them
+  from a passage (`[NLU]`, accuracy); built by ul2/assets/build_word_task.py.
+* `local_continue`: a supervised task from the bundled corpus: continue a passage
+  with its next 12 words (`[S2S]`, ROUGE); built by
+  ul2/assets/build_continue_task.py, the default of gin/runs/finetune.gin.
+  Supervised tasks and mixtures of them
   are registered by `register_supervised_task` and `register_mixture` (see
   tasks/supervised.py).
 
@@ -280,3 +283,8 @@ register_supervised_task(
     "local_word",
     text_glob={"train": str(assets.WORD_TRAIN), "validation": str(assets.WORD_VALIDATION)},
     mode_token=denoisers_lib.NLU, metrics=("accuracy",))
+register_supervised_task(
+    "local_continue",
+    text_glob={"train": str(assets.CONTINUE_TRAIN),
+               "validation": str(assets.CONTINUE_VALIDATION)},
+    mode_token=denoisers_lib.S2S, metrics=("rouge",))

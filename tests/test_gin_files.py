@@ -19,7 +19,7 @@ def test_local_tiny():
   c = config("gin/runs/local_tiny.gin")
   assert c.mixture_or_task_name == "local_ul2"
   assert dict(c.task_feature_lengths) == {"inputs": 128, "targets": 128}
-  assert (c.train_steps, c.batch_size, c.model.vocab_size) == (600, 16, 8192)
+  assert (c.train_steps, c.batch_size, c.model.vocab_size) == (2000, 16, 8192)
   assert c.optimizer.learning_rate == 0.05
   assert [d.name for d in data.task_denoisers(c.mixture_or_task_name)] == UL2
 

@@ -12,7 +12,7 @@ import seqio
 import tasks
 from tasks import metrics, supervised
 from ul2 import assets, data
-from ul2.assets import build_word_task
+from ul2.assets import build_continue_task, build_word_task
 
 EOS = 1
 LENGTHS = {"inputs": 32, "targets": 16}
@@ -263,6 +263,37 @@ def test_the_word_task_script_rebuilds_the_shipped_files(tmp_path, monkeypatch):
   monkeypatch.setattr("sys.argv", ["build_word_task", "--output_dir", str(tmp_path)])
   build_word_task.main()
   for path in (assets.WORD_TRAIN, assets.WORD_VALIDATION):
+    assert (tmp_path / path.name).read_text() == path.read_text()
+
+
+def test_the_bundled_continue_task():
+  task = seqio.get_mixture_or_task("local_continue")
+  assert supervised.mode_token_of(task) == "[S2S]"
+  assert task.predict_metric_fns == [metrics.rouge]
+  records = {split: [json.loads(l) for l in path.read_text().splitlines()]
+             for split, path in (("train", assets.CONTINUE_TRAIN),
+                                 ("validation", assets.CONTINUE_VALIDATION))}
+  assert (len(records["train"]), len(records["validation"])) == (4730, 306)
+  # Each example is a corpus line cut after 8 to 48 words, and its next 12 words:
+  # training ones from train.txt, validation ones from validation.txt.
+  for split, text in (("train", assets.TRAIN_TEXT), ("validation", assets.VALIDATION_TEXT)):
+    lines = {" ".join(l.split()) for l in text.read_text().splitlines()}
+    for r in records[split]:
+      prefix, target = r["inputs"].split(), r["targets"].split()
+      assert 8 <= len(prefix) <= 48 and len(target) == build_continue_task.TARGET_WORDS
+      assert any(l.startswith(" ".join(prefix + target)) for l in lines
+                 if l.startswith(" ".join(prefix[:3])))
+  examples = _examples("local_continue", "validation", {"inputs": 128, "targets": 48})
+  assert len(examples) == len(records["validation"])
+  s2s = _vocab().tokenizer.piece_to_id("[S2S]")
+  assert all(ex["inputs"][0] == s2s and ex["inputs"][-1] == EOS for ex in examples)
+  assert all(ex["targets"][-1] == EOS for ex in examples)  # 48 tokens fit every target.
+
+
+def test_the_continue_task_script_rebuilds_the_shipped_files(tmp_path, monkeypatch):
+  monkeypatch.setattr("sys.argv", ["build_continue_task", "--output_dir", str(tmp_path)])
+  build_continue_task.main()
+  for path in (assets.CONTINUE_TRAIN, assets.CONTINUE_VALIDATION):
     assert (tmp_path / path.name).read_text() == path.read_text()
 
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from tasks import metrics
 from ul2 import checkpoint, model_settings, sharding, warm_start
 from ul2.model import ModelConfig
 from model_testing import apply, hf_logits, padded_batch, random_params
@@ -257,8 +258,8 @@ def test_train_with_a_bad_init_from_is_one_line(case, tmp_path, hf_model, capsys
 @pytest.mark.slow
 def test_finetune_gin_trains_the_bundled_task_and_logs_its_metric(tmp_path, capsys):
   """gin/runs/finetune.gin, shrunk: the loss falls, the eval decodes the validation
-  split and logs eval/local_word/accuracy, and writes the predictions."""
-  model_dir = tmp_path / "word"
+  split and logs eval/local_continue/rouge*, and writes the predictions."""
+  model_dir = tmp_path / "continue"
   assert main.main(["train", f"--gin_file={REPO / 'gin' / 'runs' / 'finetune.gin'}",
                     f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=40", "--gin.EVAL_PERIOD=40",
                     "--gin.LOG_PERIOD=10", "--gin.CHECKPOINT_PERIOD=40",
@@ -267,13 +268,14 @@ def test_finetune_gin_trains_the_bundled_task_and_logs_its_metric(tmp_path, caps
   losses = [r["loss"] for r in records if "loss" in r]
   assert losses[-1] < losses[0] - 1.0
   (evaluation,) = [r for r in records if "eval/loss" in r]
-  assert 0.0 <= evaluation["eval/local_word/accuracy"] <= 100.0
-  assert "local_word/accuracy" in capsys.readouterr().out
+  assert "local_continue/rouge1" in capsys.readouterr().out
   predictions = [json.loads(l) for l in
-                 (model_dir / "inference" / "local_word-40.jsonl").read_text().splitlines()]
-  assert len(predictions) == 329 and {"inputs", "targets", "prediction"} <= set(predictions[0])
-  assert sum(p["prediction"] == p["targets"] for p in predictions) == round(
-      evaluation["eval/local_word/accuracy"] * 329 / 100)
+                 (model_dir / "inference" / "local_continue-40.jsonl").read_text().splitlines()]
+  assert len(predictions) == 306 and {"inputs", "targets", "prediction"} <= set(predictions[0])
+  # The logged metrics are rouge-score's on these predictions.
+  assert {k: evaluation[f"eval/local_continue/{k}"] for k in metrics.ROUGE_KEYS} == \
+      pytest.approx(metrics.rouge([p["targets"] for p in predictions],
+                                  [p["prediction"] for p in predictions]))
 
 
 # ------------------------------------------- gin/models/from_hf.gin: the source's model

@@ -2,7 +2,8 @@
 
 Paths only; nothing here imports TensorFlow or JAX. The scripts that built the
 files sit beside them (`build_corpus.py`, `build_vocab.py`, `build_title_task.py`,
-`build_word_task.py`).
+`build_word_task.py`,
+`build_continue_task.py`).
 """
 
 import pathlib
@@ -19,3 +20,6 @@ TITLE_VALIDATION = ASSETS_DIR / "title_validation.jsonl"
 # The supervised task `local_word` (built from the corpus by build_word_task.py).
 WORD_TRAIN = ASSETS_DIR / "word_train.jsonl"
 WORD_VALIDATION = ASSETS_DIR / "word_validation.jsonl"
+# The supervised task `local_continue` (built from the corpus by build_continue_task.py).
+CONTINUE_TRAIN = ASSETS_DIR / "continue_train.jsonl"
+CONTINUE_VALIDATION = ASSETS_DIR / "continue_validation.jsonl"
