@@ -27,16 +27,14 @@ Usage (deterministic)::
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import random
+
+from ul2.assets import line_tasks
 
 MIN_PREFIX = 8
 MAX_PREFIX = 48
 TARGET_WORDS = 12
 SEED = 0
-HERE = pathlib.Path(__file__).parent
 
 
 def example(line: str, rng: random.Random) -> dict[str, str] | None:
@@ -56,17 +54,7 @@ def examples(lines: list[str], seed: int = SEED) -> list[dict[str, str]]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--corpus_dir", type=pathlib.Path, default=HERE)
-  parser.add_argument("--output_dir", type=pathlib.Path, default=HERE)
-  args = parser.parse_args()
-  for which, name in (("train", "train.txt"), ("validation", "validation.txt")):
-    lines = (args.corpus_dir / name).read_text(encoding="utf-8").splitlines()
-    records = examples(lines)
-    path = args.output_dir / f"continue_{which}.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                    encoding="utf-8")
-    print(f"{path}: {len(records)} examples, {path.stat().st_size / 1e6:.2f} MB")
+  line_tasks.main(__doc__.split("\n\n")[0], "continue", examples)
 
 
 if __name__ == "__main__":

@@ -28,17 +28,15 @@ Usage (deterministic)::
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import random
 import re
+
+from ul2.assets import line_tasks
 
 MAX_WORDS = 48
 MIN_LETTERS = 3
 BLANK = "____"
 SEED = 0
-HERE = pathlib.Path(__file__).parent
 WORD = re.compile(r"[A-Za-z]+")
 
 
@@ -61,17 +59,7 @@ def examples(lines: list[str], seed: int = SEED) -> list[dict[str, str]]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--corpus_dir", type=pathlib.Path, default=HERE)
-  parser.add_argument("--output_dir", type=pathlib.Path, default=HERE)
-  args = parser.parse_args()
-  for which, name in (("train", "train.txt"), ("validation", "validation.txt")):
-    lines = (args.corpus_dir / name).read_text(encoding="utf-8").splitlines()
-    records = examples(lines)
-    path = args.output_dir / f"word_{which}.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                    encoding="utf-8")
-    print(f"{path}: {len(records)} examples, {path.stat().st_size / 1e6:.2f} MB")
+  line_tasks.main(__doc__.split("\n\n")[0], "word", examples)
 
 
 if __name__ == "__main__":
