@@ -8,6 +8,7 @@ import itertools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -126,6 +127,25 @@ def test_top_k_equals_lax_top_k_with_ties(width):
     ours, theirs = decoding.top_k(x, k), jax.lax.top_k(x, k)
     np.testing.assert_array_equal(ours[0], theirs[0])
     np.testing.assert_array_equal(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("width", [7, 1000, 32128])
+def test_argmax_and_token_log_softmax_equal_jax(width):
+  rng = np.random.default_rng(width)
+  x = rng.integers(-6, 6, (7, width)).astype(np.float32)  # Many ties.
+  x[1] = -np.inf
+  x[2, -1] = 50.0  # The maximum in the last (padded) slab.
+  x[3] = rng.standard_normal(width)
+  x[4, width // 2:] = np.nan  # NaN counts as the maximum, as in jnp.argmax.
+  x[5, 3 % width] = np.inf
+  index, top = jax.jit(decoding.argmax)(x)
+  np.testing.assert_array_equal(index, jnp.argmax(x, axis=-1))
+  np.testing.assert_array_equal(top[:, 0], jnp.max(x, axis=-1))
+  tokens = np.asarray(index)[[0, 2, 3, 6]]
+  rows = x[[0, 2, 3, 6]]
+  ours = decoding.token_log_softmax(rows, tokens)
+  theirs = jnp.take_along_axis(jax.nn.log_softmax(rows, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  np.testing.assert_array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("alpha", [0.6, 3.0])

@@ -80,7 +80,7 @@ def decode_step(model: Transformer, params: Any, cache: Any, encoded: jax.Array,
 
 
 # The encoder runs over at most this many rows at a time (`_encode`).
-ENCODE_ROWS = 16
+ENCODE_ROWS = 4
 
 
 def _encode(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array
@@ -130,6 +130,42 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array
   return jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, logits)
 
 
+def argmax(logits: jax.Array, slabs: int = 32) -> tuple[jax.Array, jax.Array]:
+  """`jnp.argmax` over the last axis of a wide [b, n] and that maximum: (int32 [b],
+  [b, 1]). The same index as `jnp.argmax` (the first of equal maxima; a NaN counts
+  as the maximum) and the same value as `jnp.max`.
+
+  XLA:CPU lowers `jnp.argmax` to a variadic (value, index) reduce that reads a
+  [32, 32128] row block of logits at about 1 GB/s (4.5 ms a step, T5-small at
+  batch 64 on two devices). Here the row is cut into `slabs` slabs and every pass
+  is elementwise across them: their maximum per column, the row maximum of that,
+  the first slab where each column reaches it, the first such column
+  (benchmarks/README.md, decode_bench.py)."""
+  b, n = logits.shape
+  width = -(-n // slabs)
+  x = jnp.pad(logits, ((0, 0), (0, slabs * width - n)), constant_values=-jnp.inf)
+  x = x.reshape(b, slabs, width)  # Entry (s, j) is index s * width + j.
+  top = jnp.max(jnp.max(x, axis=1), axis=-1, keepdims=True)  # [b, 1]
+  # NaN != NaN: where the maximum is NaN, the NaNs are its positions.
+  hit = (x == top[:, :, None]) | jnp.isnan(x)
+  first_slab = jnp.min(jnp.where(hit, jnp.arange(slabs, dtype=jnp.int32)[:, None], slabs),
+                       axis=1)  # [b, width]
+  index = first_slab * width + jnp.arange(width, dtype=jnp.int32)
+  return jnp.min(jnp.where(first_slab < slabs, index, n), axis=-1), top
+
+
+def token_log_softmax(logits: jax.Array, tokens: jax.Array,
+                      top: jax.Array | None = None) -> jax.Array:
+  """`jax.nn.log_softmax(logits)` at `tokens` ([b, v], [b] -> [b]), the same
+  float32 operations, without writing the whole [b, v] log-softmax. top: the rows'
+  maxima [b, 1] where the caller has them (`argmax`)."""
+  if top is None:
+    top = jnp.max(logits, axis=-1, keepdims=True)
+  shifted = logits - jax.lax.stop_gradient(top)
+  picked = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0]
+  return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+
+
 def top_k_values(logits: jax.Array, k: int) -> jax.Array:
   """The k-th largest value of each row, [b, 1]."""
   return top_k(logits, k)[0][:, -1:]
@@ -163,8 +199,7 @@ def sample(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array, *,
   def body(state):
     i, cache, token, out, logprobs, done = state
     logits, cache = decode_step(model, params, cache, encoded, encoder_input_tokens, token)
-    log_softmax = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy, top = argmax(logits)
 
     def draw():
       filtered = _filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
@@ -173,7 +208,7 @@ def sample(params: Any, config: ModelConfig, encoder_input_tokens: jax.Array, *,
 
     nxt = jax.lax.cond(temperature > 0.0, draw, lambda: greedy)
     nxt = jnp.where(done, PAD_ID, nxt)
-    step_logprob = jnp.take_along_axis(log_softmax, nxt[:, None], axis=-1)[:, 0]
+    step_logprob = token_log_softmax(logits, nxt, top)
     logprobs = logprobs + jnp.where(done, 0.0, step_logprob)
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
     return i + 1, cache, nxt, out, logprobs, jnp.logical_or(done, nxt == eos_id)
